@@ -1,0 +1,172 @@
+"""Certification (DESIGN.md 1.5 and 3): ensemble votes -> pA bound -> radius.
+
+Model k predicts on x + sigma_x * eps_test(k): one fixed test noise per model
+(TEST stream, b = 0, shared by all inputs), scaled by the same sigma_x that the
+radius uses. Votes are streamed into [B, C] accumulators (soft sums of softmax
+probabilities and hard argmax counts), so no [M, B, C] tensor is ever built.
+The bound picks the aggregation: Hoeffding on the soft mean (RAB, the paper),
+Clopper-Pearson on the hard votes (Bonferroni over classes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .bounds import BOUNDS, certified_radius, conservative_radius, pa_lower, poison_budget, top2
+from .errors import CertssbError
+from .noise import Stream, noisy_copies
+
+MODES = ("rab", "paper")
+
+
+@dataclass
+class Votes:
+    """Streaming vote accumulators over the models of an ensemble."""
+
+    soft_sum: torch.Tensor  # [B, C] float64: sum over models of softmax probabilities
+    hard_count: torch.Tensor  # [B, C] int64: number of models whose argmax is each class
+    models: int = 0
+
+    @classmethod
+    def zeros(cls, batch: int, num_classes: int) -> "Votes":
+        return cls(torch.zeros(batch, num_classes, dtype=torch.float64),
+                   torch.zeros(batch, num_classes, dtype=torch.int64), 0)
+
+    def add_logits(self, logits: torch.Tensor) -> None:
+        """Accumulate a chunk of logits [Mc, B, C] (Mc models on the same B inputs)."""
+        if logits.dim() != 3 or logits.shape[1:] != self.soft_sum.shape:
+            raise CertssbError(f"logits must have shape [Mc, {self.soft_sum.shape[0]}, "
+                               f"{self.soft_sum.shape[1]}], got {list(logits.shape)}")
+        logits = logits.detach().cpu()
+        self.soft_sum += torch.softmax(logits.double(), dim=-1).sum(0)
+        self.hard_count += torch.nn.functional.one_hot(
+            logits.argmax(-1), self.soft_sum.shape[1]).sum(0)
+        self.models += logits.shape[0]
+
+    def merge(self, other: "Votes") -> None:
+        self.soft_sum += other.soft_sum
+        self.hard_count += other.hard_count
+        self.models += other.models
+
+
+@dataclass
+class Certificates:
+    """Per-input certificates of one method on one test split (before any storage update)."""
+
+    predict: torch.Tensor  # [B] int64
+    pa_lower: torch.Tensor  # [B] float64
+    pb_upper: torch.Tensor  # [B] float64
+    radius: torch.Tensor  # [B] float64, 0 where abstaining
+    abstain: torch.Tensor  # [B] bool
+    sigma: torch.Tensor  # [B] float64
+    radius_conservative: torch.Tensor  # [B] float64 (== radius in rab mode)
+    bound: str
+    mode: str
+    alpha: float
+    models: int
+    extra: dict = field(default_factory=dict)
+
+
+def collect_votes(models: Iterable[nn.Module] | Iterable[tuple[int, nn.Module]], x: torch.Tensor,
+                  sigma: torch.Tensor, *, seed: int, num_classes: int, batch_size: int = 512,
+                  device: torch.device | str = "cpu", progress=None) -> Votes:
+    """Stream the ensemble's votes on x [B, C, H, W] with per-input noise levels sigma [B].
+
+    `models` yields modules (index = position) or (k, module) pairs; model k
+    sees x + sigma * eps(seed, TEST, k, 0). `progress`: a tqdm bar advanced by 1 per model.
+    """
+    device = torch.device(device)
+    if sigma.shape != (x.shape[0],):
+        raise CertssbError(f"sigma must have shape [{x.shape[0]}], got {list(sigma.shape)}")
+    if x.shape[0] and (not torch.isfinite(sigma).all() or (sigma <= 0).any()):
+        raise CertssbError("every sigma must be finite and > 0")
+    votes = Votes.zeros(x.shape[0], num_classes)
+    for pos, item in enumerate(models):
+        k, model = item if isinstance(item, tuple) else (pos, item)
+        model.eval()
+        chunk = []
+        with torch.no_grad():
+            for start in range(0, x.shape[0], batch_size):
+                xb = x[start:start + batch_size].to(device)
+                sb = sigma[start:start + batch_size].to(device=device, dtype=xb.dtype)
+                noisy = noisy_copies(xb, sb, seed=seed, stream=int(Stream.TEST), models=[k], ids=None)[0]
+                chunk.append(model(noisy).float().cpu())
+        logits = torch.cat(chunk) if chunk else torch.empty(0, num_classes)
+        if logits.shape[-1] != num_classes:
+            raise CertssbError(f"model {k} outputs {logits.shape[-1]} classes, expected {num_classes}")
+        votes.add_logits(logits.unsqueeze(0))
+        if progress is not None:
+            progress.update(1)
+    return votes
+
+
+def certify_votes(votes: Votes, sigma: torch.Tensor, *, bound: str = "hoeffding", alpha: float = 0.001,
+                  mode: str = "rab", sigma_train_min: float | None = None) -> Certificates:
+    """Certificates from accumulated votes.
+
+    bound "hoeffding": top class and pA_hat from the soft mean; "clopper-pearson":
+    top class and count from the hard votes. pB_upper = 1 - pA_lower,
+    R = sigma/2 (PhiInv(pA_lower) - PhiInv(pB_upper)); abstain when pA_lower <= 1/2.
+    mode "paper" also gives the conservative radius rho * min(sigma_x, sigma_train_min).
+    """
+    if bound not in BOUNDS:
+        raise CertssbError(f"unknown bound {bound!r}; choose one of {', '.join(BOUNDS)}")
+    if mode not in MODES:
+        raise CertssbError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if votes.models < 1:
+        raise CertssbError("no model votes were collected; an ensemble needs at least one model")
+    m = votes.models
+    c = votes.soft_sum.shape[1]
+    if bound == "hoeffding":
+        top_cls, top_val, _, _ = top2(votes.soft_sum / m)
+        top_count = votes.hard_count.gather(1, top_cls[:, None])[:, 0]
+        top_score = top_val
+    else:
+        top_cls, top_val, _, _ = top2(votes.hard_count.double())
+        top_count = top_val.round().long()
+        top_score = (votes.soft_sum / m).gather(1, top_cls[:, None])[:, 0]
+    pa = pa_lower(bound, top_score=top_score, top_count=top_count, m=m, alpha=alpha, num_classes=c)
+    sigma64 = sigma.double().cpu()
+    radius, pb, abstain = certified_radius(pa, sigma64)
+    if mode == "paper":
+        if sigma_train_min is None:
+            raise CertssbError("paper mode needs sigma_train_min for the conservative radius")
+        conservative = conservative_radius(pa, sigma64, float(sigma_train_min))
+    else:
+        conservative = radius.clone()
+    return Certificates(predict=top_cls, pa_lower=pa, pb_upper=pb, radius=radius, abstain=abstain,
+                        sigma=sigma64, radius_conservative=conservative, bound=bound, mode=mode,
+                        alpha=alpha, models=m)
+
+
+def certify_models(models: Iterable[nn.Module], x: torch.Tensor, sigma: torch.Tensor | float, *,
+                   num_classes: int, seed: int = 0, bound: str = "hoeffding", alpha: float = 0.001,
+                   mode: str = "rab", sigma_train_min: float | None = None, batch_size: int = 512,
+                   device: torch.device | str = "cpu") -> Certificates:
+    """Certify a user's own ensemble on user tensors.
+
+    models: the M smoothed models (each trained on noisy data, as RAB / Cert-SSB).
+    x: [B, C, H, W] inputs in [0, 1]; sigma: a float (RAB) or per-input [B] (Cert-SSB).
+    Returns `Certificates`. Example::
+
+        cert = certssb.certify_models(models, x, 0.25, num_classes=2)
+        cert.radius  # [B] certified L2 radii, 0 where cert.abstain
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise CertssbError("x must be a float tensor of shape [B, C, H, W]")
+    if not torch.isfinite(x).all():
+        raise CertssbError("x contains NaN or Inf values")
+    sig = torch.as_tensor(sigma, dtype=torch.float32)
+    if sig.dim() == 0:
+        sig = sig.expand(x.shape[0]).clone()
+    votes = collect_votes(models, x, sig, seed=seed, num_classes=num_classes,
+                          batch_size=batch_size, device=device)
+    return certify_votes(votes, sig, bound=bound, alpha=alpha, mode=mode,
+                         sigma_train_min=sigma_train_min)
+
+
+__all__ = ["MODES", "Votes", "Certificates", "collect_votes", "certify_votes", "certify_models",
+           "poison_budget"]

@@ -1,0 +1,187 @@
+"""The `certssb` command line: run, train, certify, report.
+
+User errors (CertssbError) print one message and exit with status 2; --debug
+shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .config import DATASET_NAMES, TRIGGER_NAMES, RunConfig, parse_radii
+from .errors import CertssbError
+
+
+def _classes(text: str):
+    from .data import parse_classes
+    return parse_classes(text)
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data and attack")
+    g.add_argument("--dataset", choices=DATASET_NAMES, default="digits",
+                   help="digits is embedded (no files needed); default: %(default)s")
+    g.add_argument("--data-dir", help="dataset location (else $CERTSSB_DATA, else ../shared/data)")
+    g.add_argument("--classes", type=_classes, default=None,
+                   help="class ids in task-label order, e.g. 1,0 (MNIST 1 vs 0) or 0,2 "
+                        "(CIFAR-10 airplane vs bird); default: all classes")
+    g.add_argument("--image-size", type=int, help="resize images to this size (ImageNette, folder)")
+    g.add_argument("--max-train", type=int, help="use a seeded subsample of this many training images")
+    g.add_argument("--max-test", type=int, help="use a seeded subsample of this many test images")
+    g.add_argument("--trigger", choices=TRIGGER_NAMES, default=None,
+                   help="default: onepixel (blending for digits, where one pixel barely poisons)")
+    g.add_argument("--delta", type=float, default=1.0, help="nominal L2 norm of the trigger (default 1.0)")
+    g.add_argument("--poison-rate", type=float, default=None,
+                   help="share of training samples poisoned (default 0.02; 0.05 for digits)")
+    g.add_argument("--target", type=int, default=None,
+                   help="attack target class id (all-to-one); default 0 if among --classes, else the first")
+    g.add_argument("--all-to-all", action="store_true", help="relabel each poisoned sample to label + 1")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("smoothing and training")
+    g.add_argument("--method", choices=("cert-ssb", "rab", "both"), default="both")
+    g.add_argument("--sigma0", type=float, default=0.25, help="global noise level (RAB's sigma)")
+    g.add_argument("--sigma-steps", type=int, default=10, help="gradient-ascent steps of the sigma search")
+    g.add_argument("--sigma-draws", type=int, default=8, help="noise draws per sigma step")
+    g.add_argument("--sigma-lr", type=float, help="sigma step size (default 0.1 * sigma0)")
+    g.add_argument("--sigma-min", type=float, help="lower clamp of sigma (default sigma0 / 2)")
+    g.add_argument("--sigma-max", type=float, help="upper clamp of sigma (default 2 * sigma0)")
+    g.add_argument("--models", type=int, help="ensemble size M (default: 32 digits, 50 imagenette, 100 otherwise)")
+    g.add_argument("--epochs", type=int, help="epochs per model (default: the paper's per dataset)")
+    g.add_argument("--base-epochs", type=int, help="epochs of the sigma search's base model (default: --epochs)")
+    g.add_argument("--batch-size", type=int, help="mini-batch size (default: the paper's per dataset)")
+    g.add_argument("--lr", type=float, help="Adam learning rate (default: the paper's per dataset)")
+    g.add_argument("--arch", help="model architecture (default: chosen by dataset)")
+
+
+def _add_cert_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+    g = p.add_argument_group("certification")
+    d = (lambda v: v) if defaults else (lambda v: None)
+    g.add_argument("--bound", choices=("hoeffding", "clopper-pearson"), default=d("hoeffding"),
+                   help="hoeffding on soft votes (RAB, the paper) or clopper-pearson on hard votes")
+    g.add_argument("--alpha", type=float, default=d(0.001), help="failure probability of the bound")
+    g.add_argument("--radii", type=parse_radii, default=None,
+                   help="radii of the certified-accuracy table: start:stop:step or a comma list "
+                        "(default 0:2.5:0.25; 0:0.5:0.05 for digits)")
+    g.add_argument("--no-storage-update", dest="storage_update", action="store_false",
+                   default=d(True), help="report Cert-SSB without the storage-update certifier")
+    g.add_argument("--region-order", choices=("index", "random"), default=d("index"),
+                   help="query order of the storage update (recorded in the certificates)")
+
+
+def _add_common(p: argparse.ArgumentParser, out_required: bool = False) -> None:
+    p.add_argument("--out", required=out_required, default=None if out_required else "runs/latest",
+                   help="run directory (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--seed", type=int, default=0, help="run seed: every random choice derives from it")
+    p.add_argument("--eval-batch-size", type=int, default=512)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="certssb",
+        description="Certified backdoor defense by sample-specific randomized smoothing "
+                    "(Cert-SSB) and its fixed-noise baseline RAB.")
+    parser.add_argument("--version", action="store_true", help="print version and build info")
+    sub = parser.add_subparsers(dest="command")
+    for name, help_text in (("run", "everything: data, attack, sigma, ensemble, certificates, report"),
+                            ("train", "data, attack, sigma and the ensembles (no certification)")):
+        p = sub.add_parser(name, help=help_text)
+        _add_data_args(p)
+        _add_model_args(p)
+        _add_cert_args(p)
+        _add_common(p)
+    p = sub.add_parser("certify", help="certify the trained ensembles of a run directory")
+    _add_cert_args(p, defaults=False)
+    p.add_argument("--out", required=True, help="the run directory written by `certssb train` or `run`")
+    p.add_argument("--device", default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    p = sub.add_parser("report", help="recompute tables and plots from a run directory's certificates")
+    p.add_argument("--out", required=True, help="the run directory")
+    p.add_argument("--radii", type=parse_radii, default=None)
+    p.add_argument("--debug", action="store_true")
+    return parser
+
+
+CONFIG_KEYS = ("dataset", "data_dir", "classes", "image_size", "max_train", "max_test", "trigger", "delta",
+               "poison_rate", "target", "all_to_all", "method", "sigma0", "sigma_steps", "sigma_draws",
+               "sigma_lr", "sigma_min", "sigma_max", "models", "epochs", "base_epochs", "batch_size", "lr",
+               "arch", "bound", "alpha", "radii", "storage_update", "region_order", "seed", "device",
+               "out", "eval_batch_size")
+
+
+def _config_from_args(args: argparse.Namespace) -> RunConfig:
+    return RunConfig(**{k: getattr(args, k) for k in CONFIG_KEYS})
+
+
+def _print_summary(summary: dict, out: str) -> None:
+    from .report import format_table
+    print(format_table(summary))
+    print(f"\nrun directory: {out} (summary.json, certificates-*.csv, certified_accuracy.png)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("CERTSSB_DEBUG") == "1"
+    try:
+        return _dispatch(parser, args)
+    except CertssbError as e:
+        if debug:
+            raise
+        print(f"certssb: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("certssb: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.version:
+        from . import __version__, build_info
+        print(f"certssb {__version__}; build {build_info()}")
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from . import pipeline
+    from .report import regenerate
+    if args.command in ("run", "train"):
+        cfg = _config_from_args(args)
+        summary = pipeline.run(cfg, certify=args.command == "run", progress=not args.quiet)
+        if args.command == "run":
+            _print_summary(summary, cfg.out)
+        else:
+            print(f"trained: {', '.join(summary['methods'])}; certify with `certssb certify --out {cfg.out}`")
+        return 0
+    if args.command == "certify":
+        from .fileio import read_json
+        path = Path(args.out) / "config.json"
+        if not path.exists():
+            raise CertssbError(f"{path} not found: --out must be a run directory written by "
+                               f"`certssb train` or `certssb run`")
+        saved = read_json(path)
+        cfg = RunConfig.from_dict(saved["config"])
+        for key in ("bound", "alpha", "radii", "storage_update", "region_order", "device"):
+            if getattr(args, key, None) is not None:
+                setattr(cfg, key, getattr(args, key))
+        cfg.out = args.out
+        summary = pipeline.run(cfg, train=False, progress=not args.quiet)
+        _print_summary(summary, cfg.out)
+        return 0
+    if args.command == "report":
+        summary = regenerate(args.out, args.radii)
+        _print_summary(summary, args.out)
+        return 0
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Metrics, certificate CSVs, the printed table and the plot (DESIGN.md 1.6 and 8).
+
+Definitions (docs/THEORY.md):
+- certified accuracy at radius r: share of inputs not abstained, correctly
+  classified, with radius > r (at r = 0: not abstained and correct);
+- clean accuracy: share of clean inputs not abstained and correct;
+- robust accuracy (triggered inputs, true labels, as RAB) and attack success
+  rate (triggered inputs predicted as the attacker's label, not abstained).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from .fileio import atomic_write_bytes, atomic_write_text
+
+CSV_COLUMNS = ("idx", "label", "predict", "radius", "correct", "sigma", "pA_lower", "pB_upper",
+               "abstain", "radius_conservative", "poison_budget", "region_update", "query_order",
+               "predict_raw", "radius_raw", "target")
+
+
+def radius_key(r: float) -> str:
+    return f"{float(r):g}" if float(r) != int(r) else f"{float(r):.1f}"
+
+
+def certified_accuracy(correct: torch.Tensor, abstain: torch.Tensor, radius: torch.Tensor,
+                       radii: Sequence[float]) -> dict[str, float]:
+    """{"0.0": x, "0.25": x, ...}: the certified accuracy curve (never increases with r)."""
+    ok = correct.bool() & ~abstain.bool()
+    n = max(int(ok.numel()), 1)
+    out = {}
+    for r in radii:
+        hit = ok if r == 0 else ok & (radius > r)
+        out[radius_key(r)] = int(hit.sum()) / n
+    return out
+
+
+def split_metrics(rows: Mapping[str, torch.Tensor], radii: Sequence[float], *, triggered: bool,
+                  use_update: bool, conservative: bool) -> dict:
+    """Metrics of one split from its certificate columns.
+
+    use_update: read the columns after the storage update (predict, radius)
+    or before it (predict_raw, radius_raw).
+    """
+    predict = rows["predict"] if use_update else rows["predict_raw"]
+    radius = rows["radius"] if use_update else rows["radius_raw"]
+    label = rows["label"]
+    abstain = rows["abstain"].bool()
+    n = max(int(label.numel()), 1)
+    correct = predict == label
+    out = {}
+    if triggered:
+        out["robust_accuracy"] = int((correct & ~abstain).sum()) / n
+        out["attack_success_rate"] = int(((predict == rows["target"]) & ~abstain).sum()) / n
+    else:
+        out["accuracy"] = int((correct & ~abstain).sum()) / n
+    out["abstain_rate"] = int(abstain.sum()) / n
+    out["certified_accuracy"] = certified_accuracy(correct, abstain, radius, radii)
+    if conservative:
+        cons = rows["radius_conservative"]
+        if use_update:  # the update can only shrink a region: scale the conservative radius alike
+            cons = torch.minimum(cons, radius)
+        out["certified_accuracy_conservative"] = certified_accuracy(correct, abstain, cons, radii)
+    out["mean_radius"] = float(torch.where(correct & ~abstain, radius, torch.zeros_like(radius)).sum()) / n
+    return out
+
+
+def write_certificates_csv(path: str | Path, rows: Mapping[str, torch.Tensor],
+                           region_update: Sequence[str]) -> None:
+    """One row per test input, columns CSV_COLUMNS, written atomically."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    n = int(rows["idx"].numel())
+    cols = {k: rows[k].tolist() for k in CSV_COLUMNS if k != "region_update" and k in rows}
+    for j in range(n):
+        out = []
+        for k in CSV_COLUMNS:
+            if k == "region_update":
+                out.append(region_update[j])
+            elif k == "correct":
+                out.append(int(cols["predict"][j] == cols["label"][j] and not cols["abstain"][j]))
+            elif k not in cols:
+                out.append("")
+            else:
+                v = cols[k][j]
+                out.append(int(v) if isinstance(v, bool) else (f"{v:.6g}" if isinstance(v, float) else v))
+        w.writerow(out)
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_certificates_csv(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Inverse of write_certificates_csv (float columns as float64, the rest int64/bool)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        records = list(reader)
+    floats = ("radius", "sigma", "pA_lower", "pB_upper", "radius_conservative", "radius_raw")
+    rows: dict[str, torch.Tensor] = {}
+    for k in CSV_COLUMNS:
+        if k in ("region_update", "correct"):
+            continue
+        vals = [r.get(k, "") for r in records]
+        if any(v == "" for v in vals):
+            continue
+        if k in floats:
+            rows[k] = torch.tensor([float(v) for v in vals], dtype=torch.float64)
+        elif k == "abstain":
+            rows[k] = torch.tensor([int(v) for v in vals], dtype=torch.bool)
+        else:
+            rows[k] = torch.tensor([int(v) for v in vals], dtype=torch.int64)
+    return rows, [r["region_update"] for r in records]
+
+
+def _pct(x) -> str:
+    return "   -  " if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:5.1f}%"
+
+
+def format_table(summary: Mapping) -> str:
+    """Certified accuracy by radius for each method, clean and triggered, as a text table."""
+    methods = summary.get("methods", {})
+    if not methods:
+        return "(no methods certified)"
+    radii = None
+    cols = []
+    for name, m in methods.items():
+        for split in ("clean", "triggered"):
+            curve = m.get(split, {}).get("certified_accuracy", {})
+            radii = radii or list(curve)
+            cols.append((f"{name} {split}", curve))
+    head = ["radius"] + [c[0] for c in cols]
+    widths = [max(8, len(h)) for h in head]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    for r in radii or []:
+        cells = [r] + [_pct(curve.get(r)) for _, curve in cols]
+        lines.append("  ".join(str(c).rjust(w) for c, w in zip(cells, widths)))
+    foot = []
+    for name, m in methods.items():
+        c, t = m.get("clean", {}), m.get("triggered", {})
+        foot.append(f"{name}: M={m.get('models')} bound={m.get('bound')} mode={m.get('mode')} "
+                    f"storage update={'on' if m.get('storage_update', {}).get('applied') else 'off'}; "
+                    f"clean acc {_pct(c.get('accuracy')).strip()}, abstain {_pct(c.get('abstain_rate')).strip()}; "
+                    f"triggered: robust acc {_pct(t.get('robust_accuracy')).strip()}, "
+                    f"attack success {_pct(t.get('attack_success_rate')).strip()}")
+    nd = summary.get("no_defense")
+    if nd:
+        foot.append(f"no defense: clean acc {_pct(nd.get('clean_accuracy')).strip()}, "
+                    f"attack success {_pct(nd.get('attack_success_rate')).strip()}")
+    att = summary.get("attack", {})
+    if att:
+        foot.append(f"attack: {att.get('trigger')} delta={att.get('delta')} (measured L2 "
+                    f"{att.get('trigger_l2', {}).get('mean', float('nan')):.3f}), "
+                    f"{att.get('n_poisoned')} poisoned of {summary.get('dataset', {}).get('n_train')}")
+    return "\n".join(lines + [""] + foot)
+
+
+def plot_certified_accuracy(summary: Mapping, path: str | Path) -> None:
+    """PNG: certified accuracy against radius, one line per method, clean and triggered panels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    colors = {"rab": "tab:blue", "cert-ssb": "tab:red"}
+    for ax, split, title in ((axes[0], "clean", "clean test set"),
+                             (axes[1], "triggered", "triggered test set (true labels)")):
+        for name, m in summary.get("methods", {}).items():
+            color = colors.get(name)
+            for key, style, label in (("certified_accuracy", "-", name),
+                                      ("certified_accuracy_conservative", ":", f"{name} (conservative)")):
+                curve = m.get(split, {}).get(key)
+                if curve:
+                    xs = [float(r) for r in curve]
+                    ax.step(xs, list(curve.values()), where="post", linestyle=style, color=color, label=label)
+            other = m.get("variants", {}).get("no_update" if m.get("storage_update", {}).get("applied")
+                                              else "storage_update", {}).get(split, {})
+            if other.get("certified_accuracy"):
+                curve = other["certified_accuracy"]
+                ax.step([float(r) for r in curve], list(curve.values()), where="post", linestyle="--",
+                        alpha=0.5, color=color,
+                        label=f"{name} ({'without' if m.get('storage_update', {}).get('applied') else 'with'} storage update)")
+        ax.set_title(title)
+        ax.set_xlabel("L2 radius")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("certified accuracy")
+    axes[1].legend(fontsize=7, loc="upper right")
+    ds = summary.get("dataset", {})
+    att = summary.get("attack", {})
+    fig.suptitle(f"{ds.get('name')} {ds.get('class_names') or ''}, trigger {att.get('trigger')} "
+                 f"delta={att.get('delta')}", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def regenerate(run_dir: str | Path, radii: Sequence[float] | None = None) -> dict:
+    """Recompute metrics from a run's certificate CSVs (optionally at new radii); rewrite
+    summary.json, table.txt and the plot. Returns the updated summary."""
+    import json
+
+    from .errors import CertssbError
+    from .fileio import atomic_write_json, read_json
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "summary.json").exists():
+        raise CertssbError(f"{run_dir} has no summary.json; run `certssb run` or `certssb certify` first")
+    summary = read_json(run_dir / "summary.json")
+    radii = list(radii) if radii is not None else [float(r) for r in summary["config"]["radii"]]
+    for method, m in summary.get("methods", {}).items():
+        applied = m.get("storage_update", {}).get("applied", False)
+        conservative = m.get("mode") == "paper"
+        for split in ("clean", "triggered"):
+            path = run_dir / f"certificates-{method}-{split}.csv"
+            if not path.exists():
+                raise CertssbError(f"{path} is missing; rerun `certssb certify --out {run_dir}`")
+            rows, _ = read_certificates_csv(path)
+            kw = dict(triggered=split == "triggered", conservative=conservative)
+            with_u = split_metrics(_with_update_columns(rows, applied), radii, use_update=True, **kw)
+            without = split_metrics(rows, radii, use_update=False, **kw)
+            m.setdefault("variants", {}).setdefault("no_update", {})[split] = without
+            if applied:
+                m["variants"].setdefault("storage_update", {})[split] = with_u
+            m[split] = with_u if applied else without
+    summary["config"]["radii"] = radii
+    atomic_write_json(run_dir / "summary.json", json.loads(json.dumps(summary)))
+    plot_certified_accuracy(summary, run_dir / "certified_accuracy.png")
+    atomic_write_text(run_dir / "table.txt", format_table(summary) + "\n")
+    return summary
+
+
+def _with_update_columns(rows: dict, applied: bool) -> dict:
+    # CSVs of a method without the update carry raw values in predict/radius too.
+    return rows if applied else dict(rows, predict=rows["predict_raw"], radius=rows["radius_raw"])
