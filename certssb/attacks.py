@@ -1,7 +1,9 @@
 """Backdoor triggers, training-set poisoning and triggered test sets (DESIGN.md 1.2).
 
 Triggers act on images in [0, 1] of shape ``[N, C, H, W]``; ``(H // 2, W // 2)``
-is "the centre" pixel.
+is "the centre" pixel, the default position of the pixel triggers (``pixel``
+moves it: on MNIST the centre of a '1' is ink, where clipping erases a
+one-pixel trigger, so the pipeline uses RAB's MNIST positions there).
 
 Additive triggers with a nominal L2 norm ``delta`` (RAB / Cert-SSB):
 
@@ -62,6 +64,7 @@ class Trigger:
     seed: int = 0
     patch_size: int | None = None
     blend_alpha: float = 0.2
+    pixel: tuple[int, int] | None = None  # position of onepixel / centre of fourpixel; None = centre
     pattern: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -93,6 +96,17 @@ class Trigger:
                 f"the fourpixel trigger needs images of at least 3x3 pixels (the four neighbours "
                 f"of the centre), got {h}x{w}; use the onepixel or blending trigger"
             )
+        if self.pixel is None:
+            self.pixel = (h // 2, w // 2)
+        if not (isinstance(self.pixel, (tuple, list)) and len(self.pixel) == 2
+                and all(_is_int(v) for v in self.pixel)):
+            raise CertssbError(f"trigger pixel must be a pair (row, column), got {self.pixel!r}")
+        self.pixel = (int(self.pixel[0]), int(self.pixel[1]))
+        margin = 1 if self.name == "fourpixel" else 0
+        if not (margin <= self.pixel[0] < h - margin and margin <= self.pixel[1] < w - margin):
+            raise CertssbError(
+                f"trigger pixel {self.pixel} does not fit an image of {h}x{w}"
+                + (" with its four neighbours" if margin else "") + "; pick a position inside the image")
         if self.name == "badnets":
             if self.patch_size is None:
                 self.patch_size = max(1, round(3 * h / 32))
@@ -149,7 +163,7 @@ class Trigger:
         """
         self._check_input(x)
         c, h, w = self.image_shape
-        ch, cw = h // 2, w // 2
+        ch, cw = self.pixel  # type: ignore[misc]
         out = x.clone()
         if self.name == "onepixel":
             d = self.delta / math.sqrt(c)
@@ -171,8 +185,7 @@ class Trigger:
         return out
 
     def _four_pixels(self) -> list[tuple[int, int]]:
-        _, h, w = self.image_shape
-        ch, cw = h // 2, w // 2
+        ch, cw = self.pixel  # type: ignore[misc]
         return [(ch - 1, cw), (ch + 1, cw), (ch, cw - 1), (ch, cw + 1)]
 
     def describe(self) -> dict:
@@ -180,7 +193,7 @@ class Trigger:
         c, h, w = self.image_shape
         params: dict
         if self.name == "onepixel":
-            params = {"pixels": [[h // 2, w // 2]], "per_value_change": self.delta / math.sqrt(c),
+            params = {"pixels": [list(self.pixel)], "per_value_change": self.delta / math.sqrt(c),
                       "clipped": True}
         elif self.name == "fourpixel":
             params = {"pixels": [list(p) for p in self._four_pixels()],
@@ -205,6 +218,7 @@ def make_trigger(
     seed: int = 0,
     patch_size: int | None = None,
     blend_alpha: float = 0.2,
+    pixel: tuple[int, int] | None = None,
 ) -> Trigger:
     """Build and validate a trigger.
 
@@ -217,13 +231,15 @@ def make_trigger(
         patch_size: badnets patch side; default ``max(1, round(3 * H / 32))``
             (3 on 32-pixel images).
         blend_alpha: blended trigger weight a in (0, 1].
+        pixel: (row, column) of the onepixel trigger / centre of the fourpixel
+            trigger; default the image centre ``(H // 2, W // 2)``.
 
     Raises:
         CertssbError: unknown name, bad delta, patch larger than the image,
             blend_alpha outside (0, 1], image smaller than 3x3 for fourpixel.
     """
     return Trigger(name=name, delta=delta, image_shape=image_shape, seed=seed,
-                   patch_size=patch_size, blend_alpha=blend_alpha)
+                   patch_size=patch_size, blend_alpha=blend_alpha, pixel=pixel)
 
 
 def measured_l2(x_clean: torch.Tensor, x_triggered: torch.Tensor) -> dict:

@@ -18,6 +18,7 @@ from torch import nn
 from .bounds import BOUNDS, certified_radius, conservative_radius, pa_lower, poison_budget, top2
 from .errors import CertssbError
 from .noise import Stream, noisy_copies
+from .training import memory_format
 
 MODES = ("rab", "paper")
 
@@ -86,14 +87,14 @@ def collect_votes(models: Iterable[nn.Module] | Iterable[tuple[int, nn.Module]],
     votes = Votes.zeros(x.shape[0], num_classes)
     for pos, item in enumerate(models):
         k, model = item if isinstance(item, tuple) else (pos, item)
-        model.eval()
+        model.to(memory_format=memory_format(x)).eval()
         chunk = []
         with torch.no_grad():
             for start in range(0, x.shape[0], batch_size):
                 xb = x[start:start + batch_size].to(device)
                 sb = sigma[start:start + batch_size].to(device=device, dtype=xb.dtype)
                 noisy = noisy_copies(xb, sb, seed=seed, stream=int(Stream.TEST), models=[k], ids=None)[0]
-                chunk.append(model(noisy).float().cpu())
+                chunk.append(model(noisy.contiguous(memory_format=memory_format(noisy))).float().cpu())
         logits = torch.cat(chunk) if chunk else torch.empty(0, num_classes)
         if logits.shape[-1] != num_classes:
             raise CertssbError(f"model {k} outputs {logits.shape[-1]} classes, expected {num_classes}")

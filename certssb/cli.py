@@ -19,6 +19,14 @@ def _classes(text: str):
     return parse_classes(text)
 
 
+def _pixel(text: str) -> list[int]:
+    try:
+        row, col = (int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ROW,COL (two integers), got {text!r}") from None
+    return [row, col]
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and attack")
     g.add_argument("--dataset", choices=DATASET_NAMES, default="digits",
@@ -33,6 +41,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trigger", choices=TRIGGER_NAMES, default=None,
                    help="default: onepixel (blending for digits, where one pixel barely poisons)")
     g.add_argument("--delta", type=float, default=1.0, help="nominal L2 norm of the trigger (default 1.0)")
+    g.add_argument("--trigger-pixel", type=_pixel, default=None, metavar="ROW,COL",
+                   help="position of the one-pixel trigger / centre of the four-pixel trigger "
+                        "(default: the image centre; MNIST: RAB's positions 23,23 and 19,19)")
     g.add_argument("--poison-rate", type=float, default=None,
                    help="share of training samples poisoned (default 0.02; 0.05 for digits)")
     g.add_argument("--target", type=int, default=None,
@@ -44,8 +55,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("smoothing and training")
     g.add_argument("--method", choices=("cert-ssb", "rab", "both"), default="both")
     g.add_argument("--sigma0", type=float, default=0.25, help="global noise level (RAB's sigma)")
-    g.add_argument("--sigma-steps", type=int, default=10, help="gradient-ascent steps of the sigma search")
-    g.add_argument("--sigma-draws", type=int, default=8, help="noise draws per sigma step")
+    g.add_argument("--sigma-steps", type=int, default=5,
+                   help="gradient-ascent steps K of the sigma search (default 5)")
+    g.add_argument("--sigma-draws", type=int, default=4,
+                   help="noise draws n per sigma step (default 4; each costs a forward and backward "
+                        "pass per sample)")
     g.add_argument("--sigma-lr", type=float, help="sigma step size (default 0.1 * sigma0)")
     g.add_argument("--sigma-min", type=float, help="lower clamp of sigma (default sigma0 / 2)")
     g.add_argument("--sigma-max", type=float, help="upper clamp of sigma (default 2 * sigma0)")
@@ -65,7 +79,7 @@ def _add_cert_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     g.add_argument("--alpha", type=float, default=d(0.001), help="failure probability of the bound")
     g.add_argument("--radii", type=parse_radii, default=None,
                    help="radii of the certified-accuracy table: start:stop:step or a comma list "
-                        "(default 0:2.5:0.25; 0:0.5:0.05 for digits)")
+                        "(default 0:2.5:0.25; 0:0.25:0.025 for digits)")
     g.add_argument("--no-storage-update", dest="storage_update", action="store_false",
                    default=d(True), help="report Cert-SSB without the storage-update certifier")
     g.add_argument("--region-order", choices=("index", "random"), default=d("index"),
@@ -110,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 CONFIG_KEYS = ("dataset", "data_dir", "classes", "image_size", "max_train", "max_test", "trigger", "delta",
+               "trigger_pixel",
                "poison_rate", "target", "all_to_all", "method", "sigma0", "sigma_steps", "sigma_draws",
                "sigma_lr", "sigma_min", "sigma_max", "models", "epochs", "base_epochs", "batch_size", "lr",
                "arch", "bound", "alpha", "radii", "storage_update", "region_order", "seed", "device",

@@ -90,7 +90,8 @@ def prepare(cfg: RunConfig, log: Callable[[str], None]) -> Prepared:
                                f"pick one of them")
         target_label = task.classes.index(target)
     trigger = make_trigger(cfg.trigger, cfg.delta, tuple(task.image_shape),
-                           seed=derive_seed(cfg.seed, "trigger") % (2 ** 31))
+                           seed=derive_seed(cfg.seed, "trigger") % (2 ** 31),
+                           pixel=tuple(cfg.trigger_pixel) if cfg.trigger_pixel else None)
     poisoned = poison_training_set(task.x_train, task.y_train, trigger, rate=cfg.poison_rate,
                                    target=target_label, all_to_all=cfg.all_to_all,
                                    num_classes=task.num_classes, seed=derive_seed(cfg.seed, "poison"))
@@ -103,7 +104,7 @@ def prepare(cfg: RunConfig, log: Callable[[str], None]) -> Prepared:
         f"{triggered.x.shape[0]} triggered test inputs")
     arch = cfg.arch or default_arch(cfg.dataset, tuple(task.image_shape))
     schedule = Schedule(cfg.epochs, cfg.batch_size, cfg.lr)
-    data_fp = _hash("data", RUN_FORMAT, task.describe(), cfg.trigger, cfg.delta, cfg.poison_rate,
+    data_fp = _hash("data", RUN_FORMAT, task.describe(), trigger.describe(), cfg.poison_rate,
                     target_label, cfg.all_to_all, cfg.seed, poisoned.x, poisoned.y)
     return Prepared(cfg, task, trigger, poisoned, triggered, target_label, arch, schedule, data_fp,
                     resolve_device(cfg.device))
@@ -259,14 +260,10 @@ def stage_certify(p: Prepared, out: Path, method: str, ens: EnsembleDir, sigma: 
         kinds, counts = _storage_update(xs, rows, order, out / f"regions-{method}-{split}.safetensors")
         t_update += time.perf_counter() - t1
         applied = result["storage_update"]["applied"]
-        if not applied:  # keep the certifier's own output; the update is reported as a variant
-            rows_final = dict(rows, predict=rows["predict_raw"], radius=rows["radius_raw"])
-            kinds_out = ["skipped" if k != "abstain" else k for k in kinds]
-        else:
-            rows_final, kinds_out = rows, kinds
-        rows_final["radius_conservative"] = torch.minimum(rows["radius_conservative"], rows_final["radius"])
-        rows_final["poison_budget"] = poison_budget(rows_final["radius"], norm)
-        write_certificates_csv(out / f"certificates-{method}-{split}.csv", rows_final, kinds_out)
+        # The CSV always holds both: predict/radius after the storage update, *_raw before it;
+        # summary["methods"][m]["storage_update"]["applied"] says which one the headline uses.
+        rows["poison_budget"] = poison_budget(rows["radius"], norm)
+        write_certificates_csv(out / f"certificates-{method}-{split}.csv", rows, kinds)
         conservative = mode == "paper"
         with_update = split_metrics(rows, cfg.radii, triggered=yt is not None, use_update=True,
                                     conservative=conservative)

@@ -223,19 +223,14 @@ def regenerate(run_dir: str | Path, radii: Sequence[float] | None = None) -> dic
                 raise CertssbError(f"{path} is missing; rerun `certssb certify --out {run_dir}`")
             rows, _ = read_certificates_csv(path)
             kw = dict(triggered=split == "triggered", conservative=conservative)
-            with_u = split_metrics(_with_update_columns(rows, applied), radii, use_update=True, **kw)
+            with_u = split_metrics(rows, radii, use_update=True, **kw)
             without = split_metrics(rows, radii, use_update=False, **kw)
-            m.setdefault("variants", {}).setdefault("no_update", {})[split] = without
-            if applied:
-                m["variants"].setdefault("storage_update", {})[split] = with_u
+            variants = m.setdefault("variants", {})
+            variants.setdefault("storage_update", {})[split] = with_u
+            variants.setdefault("no_update", {})[split] = without
             m[split] = with_u if applied else without
     summary["config"]["radii"] = radii
     atomic_write_json(run_dir / "summary.json", json.loads(json.dumps(summary)))
     plot_certified_accuracy(summary, run_dir / "certified_accuracy.png")
     atomic_write_text(run_dir / "table.txt", format_table(summary) + "\n")
     return summary
-
-
-def _with_update_columns(rows: dict, applied: bool) -> dict:
-    # CSVs of a method without the update carry raw values in predict/radius too.
-    return rows if applied else dict(rows, predict=rows["predict_raw"], radius=rows["radius_raw"])

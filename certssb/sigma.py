@@ -20,6 +20,7 @@ from torch import nn
 from .bounds import radius_proxy
 from .errors import CertssbError
 from .noise import Stream, noisy_copies
+from .training import memory_format
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,8 @@ class SigmaSearch:
     """Settings of the sigma optimisation (defaults relative to sigma0 are filled by the config)."""
 
     sigma0: float
-    steps: int = 10
-    draws: int = 8
+    steps: int = 5
+    draws: int = 4
     lr: float = 0.05
     sigma_min: float = 0.06
     sigma_max: float = 0.5
@@ -62,7 +63,7 @@ def optimize_sigma(model: nn.Module, x: torch.Tensor, ids: torch.Tensor, search:
     """
     search.validate()
     device = torch.device(device)
-    model.eval()
+    model.to(memory_format=memory_format(x)).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     out = torch.empty(x.shape[0], dtype=torch.float32)
@@ -75,7 +76,8 @@ def optimize_sigma(model: nn.Module, x: torch.Tensor, ids: torch.Tensor, search:
                 sigma = sigma.detach().requires_grad_(True)
                 draws = _draws(xb, sigma, ib, step, search.draws, seed)  # [n, B, ...]
                 n, b = draws.shape[:2]
-                probs = torch.softmax(model(draws.reshape(n * b, *xb.shape[1:])), dim=1)
+                flat = draws.reshape(n * b, *xb.shape[1:])
+                probs = torch.softmax(model(flat.contiguous(memory_format=memory_format(flat))), dim=1)
                 mean_probs = probs.reshape(n, b, -1).mean(0)
                 r = radius_proxy(mean_probs, sigma, clamp=search.prob_clamp)
                 (grad,) = torch.autograd.grad(r.sum(), sigma)

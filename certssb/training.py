@@ -47,7 +47,8 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, sche
     `progress`: an optional tqdm bar advanced by one per epoch.
     """
     device = torch.device(device)
-    model.to(device).train()
+    fmt = memory_format(x)
+    model.to(device=device, memory_format=fmt).train()
     opt = torch.optim.Adam(model.parameters(), lr=schedule.lr)
     n = x.shape[0]
     for epoch in range(schedule.epochs):
@@ -58,7 +59,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, sche
             yb = y[idx].to(device, non_blocking=True)
             if noise_fn is not None:
                 xb = noise_fn(xb, idx.to(device), epoch)
-            loss = F.cross_entropy(model(xb), yb)
+            loss = F.cross_entropy(model(xb.contiguous(memory_format=fmt)), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -67,12 +68,19 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, sche
     return model.eval()
 
 
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for image batches: ~30% faster convolutions on CPU (oneDNN) and GPU (cuDNN)."""
+    return torch.channels_last if x.dim() == 4 else torch.contiguous_format
+
+
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 512,
             device: torch.device | str = "cpu") -> torch.Tensor:
     """Argmax predictions [N] (int64, on CPU) of a plain model on clean inputs."""
     model.eval()
+    fmt = memory_format(x)
     out = []
     for start in range(0, x.shape[0], batch_size):
-        out.append(model(x[start:start + batch_size].to(device)).argmax(1).cpu())
+        xb = x[start:start + batch_size].to(device).contiguous(memory_format=fmt)
+        out.append(model(xb).argmax(1).cpu())
     return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)

@@ -376,3 +376,16 @@ def test_trigger_dataclass_direct() -> None:
     assert t.image_shape == (1, 5, 5) and isinstance(t.delta, float)
     with pytest.raises(CertssbError, match="unknown trigger"):
         Trigger(name="x", delta=1.0, image_shape=(1, 5, 5))
+
+
+def test_pixel_position_moves_pixel_triggers():
+    x = torch.zeros(2, 1, 28, 28)
+    one = make_trigger("onepixel", 1.0, (1, 28, 28), pixel=(23, 23)).apply(x)
+    assert one[:, 0, 23, 23].tolist() == [1.0, 1.0] and float(one.sum()) == 2.0
+    four = make_trigger("fourpixel", 1.0, (1, 28, 28), pixel=(19, 19)).apply(x)
+    changed = {tuple(p) for p in (four[0, 0] > 0).nonzero().tolist()}
+    assert changed == {(18, 19), (20, 19), (19, 18), (19, 20)}
+    with pytest.raises(CertssbError, match="does not fit an image of 28x28"):
+        make_trigger("onepixel", 1.0, (1, 28, 28), pixel=(28, 0))
+    with pytest.raises(CertssbError, match="with its four neighbours"):
+        make_trigger("fourpixel", 1.0, (1, 28, 28), pixel=(0, 5))

@@ -1,0 +1,114 @@
+"""End to end: a tiny `certssb run` on the embedded digits, resume, certify-only, report."""
+import json
+import math
+
+import pytest
+import torch
+
+from certssb import pipeline
+from certssb.config import RunConfig
+from certssb.report import read_certificates_csv, regenerate
+
+TINY = dict(dataset="digits", models=12, epochs=6, base_epochs=6, sigma_steps=2, sigma_draws=4,
+            alpha=0.1, bound="clopper-pearson", poison_rate=0.1, seed=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    logs = []
+    summary = pipeline.run(RunConfig(**TINY, out=str(out)), progress=False, log=logs.append)
+    return out, summary, logs
+
+
+def test_summary_has_every_key(tiny_run):
+    out, summary, _ = tiny_run
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    for key in ("config", "dataset", "attack", "no_defense", "methods"):
+        assert key in summary
+    assert set(summary["dataset"]) >= {"name", "classes", "n_train", "n_test"}
+    assert set(summary["attack"]) >= {"trigger", "delta", "trigger_l2", "poison_rate", "n_poisoned", "target"}
+    assert set(summary["no_defense"]) >= {"clean_accuracy", "attack_success_rate"}
+    assert set(summary["methods"]) == {"rab", "cert-ssb"}
+    for m in summary["methods"].values():
+        assert set(m) >= {"models", "bound", "sigma", "clean", "triggered", "storage_update", "seconds"}
+        assert set(m["sigma"]) >= {"min", "median", "max"}
+        assert set(m["clean"]) >= {"accuracy", "abstain_rate", "certified_accuracy"}
+        assert set(m["triggered"]) >= {"robust_accuracy", "attack_success_rate", "certified_accuracy"}
+        assert set(m["storage_update"]) >= {"trimmed", "aligned"}
+        assert m["models"] == 12 and m["bound"] == "clopper-pearson"
+    assert summary["methods"]["cert-ssb"]["mode"] == "paper"
+    assert "certified_accuracy_conservative" in summary["methods"]["cert-ssb"]["clean"]
+    for name in ("config.json", "sigma.safetensors", "models/rab/manifest.json", "certified_accuracy.png",
+                 "table.txt", "certificates-rab-clean.csv", "certificates-cert-ssb-triggered.csv"):
+        assert (out / name).exists(), name
+
+
+def test_curves_never_increase_with_radius(tiny_run):
+    _, summary, _ = tiny_run
+    for m in summary["methods"].values():
+        for variant in (m, m["variants"]["no_update"], m["variants"]["storage_update"]):
+            for split in ("clean", "triggered"):
+                for key in ("certified_accuracy", "certified_accuracy_conservative"):
+                    curve = variant[split].get(key)
+                    if curve:
+                        values = [curve[k] for k in sorted(curve, key=float)]
+                        assert all(a >= b for a, b in zip(values, values[1:])), values
+
+
+def test_result_is_not_trivial(tiny_run):
+    _, summary, _ = tiny_run
+    assert summary["no_defense"]["clean_accuracy"] > 0.7
+    assert summary["no_defense"]["attack_success_rate"] > 0.3  # the attack works without defense
+    rab = summary["methods"]["rab"]
+    assert rab["clean"]["certified_accuracy"]["0.0"] > 0.5  # smoothed classifier accurate at radius 0
+    assert rab["triggered"]["attack_success_rate"] < summary["no_defense"]["attack_success_rate"]
+    ssb = summary["methods"]["cert-ssb"]
+    assert ssb["sigma"]["min"] >= 0.125 - 1e-6 and ssb["sigma"]["max"] <= 0.5 + 1e-6
+    assert rab["sigma"]["min"] == rab["sigma"]["max"] == 0.25
+
+
+def test_certificate_csv_is_consistent(tiny_run):
+    out, summary, _ = tiny_run
+    rows, kinds = read_certificates_csv(out / "certificates-cert-ssb-clean.csv")
+    n = summary["dataset"]["n_test"]
+    assert rows["idx"].tolist() == list(range(n))
+    assert len(kinds) == n and set(kinds) <= {"none", "trim", "align", "abstain"}
+    assert torch.all((rows["pA_lower"] + rows["pB_upper"] - 1).abs() < 1e-5)
+    assert torch.all(rows["radius"][rows["abstain"]] == 0)
+    # the storage update only ever shrinks a region
+    assert torch.all(rows["radius"] <= rows["radius_raw"] + 1e-6)
+    assert torch.all(rows["radius_conservative"] <= rows["radius_raw"] + 1e-6)
+    keep = [k == "none" for k in kinds]
+    assert torch.equal(rows["predict"][keep], rows["predict_raw"][keep])
+    # poison budget r: delta * sqrt(r + 1) < R <= delta * sqrt(r + 2)
+    delta = summary["attack"]["delta"]
+    for r, b in zip(rows["radius"].tolist(), rows["poison_budget"].tolist()):
+        assert (b == -1 and r <= delta * 1.0001) or (delta * math.sqrt(b + 1) < r * 1.0001)
+
+
+def test_rerun_resumes_and_gives_identical_certificates(tiny_run, tmp_path):
+    out, summary, _ = tiny_run
+    before = (out / "certificates-cert-ssb-clean.csv").read_text()
+    # damage one model: it must be detected by checksum and retrained, nothing else
+    victim = out / "models" / "rab" / "model-00003.safetensors"
+    victim.write_bytes(victim.read_bytes()[:-10])
+    logs = []
+    again = pipeline.run(RunConfig(**TINY, out=str(out)), progress=False, log=logs.append)
+    text = "\n".join(logs)
+    assert "no-defense baseline: reused" in text and "sigma: reused" in text
+    assert "rab: 1 models trained, 11 reused" in text
+    assert "cert-ssb: 0 models trained, 12 reused" in text
+    assert (out / "certificates-cert-ssb-clean.csv").read_text() == before
+    assert again["methods"]["rab"]["clean"] == summary["methods"]["rab"]["clean"]
+
+
+def test_certify_only_and_report(tiny_run):
+    out, summary, _ = tiny_run
+    cfg = RunConfig(**{**TINY, "bound": "hoeffding"}, out=str(out))
+    s2 = pipeline.run(cfg, train=False, progress=False, log=lambda s: None)
+    assert s2["methods"]["rab"]["bound"] == "hoeffding"
+    regenerated = regenerate(out, radii=[0.0, 0.1])
+    assert list(regenerated["methods"]["rab"]["clean"]["certified_accuracy"]) == ["0.0", "0.1"]
+    # restore the tiny run's summary for other tests
+    pipeline.run(RunConfig(**TINY, out=str(out)), train=False, progress=False, log=lambda s: None)
