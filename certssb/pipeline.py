@@ -32,7 +32,7 @@ from .regions import RegionStore
 from .report import format_table, plot_certified_accuracy, split_metrics, write_certificates_csv
 from .seeding import derive_seed, generator
 from .sigma import SigmaSearch, optimize_sigma, sigma_stats
-from .bounds import poison_budget
+from .bounds import certified_radius, pa_lower, poison_budget
 from .training import Schedule, predict, train_classifier
 
 RUN_FORMAT = 1
@@ -345,6 +345,8 @@ def run(config: RunConfig | dict, *, train: bool = True, certify: bool = True, p
         res = stage_certify(p, out, method, ens, sig, float(sig["train"].min()), progress, log)
         m = {"models": cfg.models, "bound": cfg.bound, "alpha": cfg.alpha,
              "mode": "rab" if method == "rab" else "paper",
+             "ceiling": radius_ceiling(cfg.bound, cfg.models, cfg.alpha, p.task.num_classes,
+                                       float(torch.cat([sig["clean"], sig["triggered"]]).max())),
              "sigma": {k: sigma_stats(v) for k, v in sig.items()}, **res}
         m["sigma"].update(sigma_stats(sig["train"]))  # top level min/median/max = training sigmas
         m["seconds"].update({"sigma": round(sigma_seconds if method == "cert-ssb" else 0.0, 3),
@@ -360,6 +362,15 @@ def run(config: RunConfig | dict, *, train: bool = True, certify: bool = True, p
     plot_certified_accuracy(summary, out / "certified_accuracy.png")
     atomic_write_text(out / "table.txt", format_table(summary) + "\n")
     return summary
+
+
+def radius_ceiling(bound: str, models: int, alpha: float, num_classes: int, sigma_max: float) -> dict:
+    """The best certificate M models can give: pA_lower when every model agrees, and its radius."""
+    pa = float(pa_lower(bound, top_score=torch.ones(1, dtype=torch.float64),
+                        top_count=torch.full((1,), models), m=models, alpha=alpha,
+                        num_classes=num_classes)[0])
+    radius, _, _ = certified_radius(torch.tensor([pa], dtype=torch.float64), sigma_max)
+    return {"pA_lower": pa, "radius": float(radius[0]), "sigma": sigma_max}
 
 
 def _saved_no_defense(out: Path) -> dict:

@@ -147,6 +147,16 @@ def format_table(summary: Mapping) -> str:
                     f"clean acc {_pct(c.get('accuracy')).strip()}, abstain {_pct(c.get('abstain_rate')).strip()}; "
                     f"triggered: robust acc {_pct(t.get('robust_accuracy')).strip()}, "
                     f"attack success {_pct(t.get('attack_success_rate')).strip()}")
+        ceil = m.get("ceiling")
+        if ceil:
+            line = (f"  ceiling: with M={m.get('models')} and {m.get('bound')} at alpha={m.get('alpha')}, "
+                    f"pA_lower <= {ceil['pA_lower']:.3f}, so no radius exceeds {ceil['radius']:.3f} "
+                    f"(sigma {ceil['sigma']:.3f})")
+            radii = sorted(float(r) for r in c.get("certified_accuracy", {}))
+            if len(radii) > 1 and ceil["radius"] < radii[1]:
+                line += ("; more models (--models) raise it" if m.get("bound") == "clopper-pearson"
+                         else "; more models (--models) or --bound clopper-pearson raise it")
+            foot.append(line)
     nd = summary.get("no_defense")
     if nd:
         foot.append(f"no defense: clean acc {_pct(nd.get('clean_accuracy')).strip()}, "

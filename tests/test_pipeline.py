@@ -112,3 +112,21 @@ def test_certify_only_and_report(tiny_run):
     assert list(regenerated["methods"]["rab"]["clean"]["certified_accuracy"]) == ["0.0", "0.1"]
     # restore the tiny run's summary for other tests
     pipeline.run(RunConfig(**TINY, out=str(out)), train=False, progress=False, log=lambda s: None)
+
+
+def test_real_mnist_one_vs_zero(data_root, tmp_path):
+    """The paper's MNIST 1-vs-0 task on the real IDX files (skipped when the data is absent)."""
+    if not (data_root / "mnist").exists():
+        pytest.skip("MNIST not in the shared data folder")
+    cfg = RunConfig(dataset="mnist", data_dir=str(data_root / "mnist"), classes=[1, 0], trigger="onepixel",
+                    poison_rate=0.05, max_train=1500, max_test=300, models=8, epochs=4, batch_size=32, sigma_steps=1,
+                    sigma_draws=2, bound="clopper-pearson", alpha=0.05, out=str(tmp_path / "mnist"))
+    summary = pipeline.run(cfg, progress=False, log=lambda s: None)
+    assert summary["dataset"]["class_names"] == ["1", "0"]
+    assert summary["attack"]["trigger_l2"]["mean"] == pytest.approx(1.0, abs=1e-4)  # RAB's pixel: not clipped
+    assert summary["attack"]["target"] == 0 and summary["attack"]["n_poisoned"] == 75
+    assert summary["no_defense"]["clean_accuracy"] > 0.95
+    assert summary["no_defense"]["attack_success_rate"] > 0.5
+    for m in summary["methods"].values():
+        assert m["clean"]["certified_accuracy"]["0.0"] > 0.9
+        assert m["triggered"]["attack_success_rate"] < 0.1
