@@ -14,12 +14,12 @@ from typing import Any, Optional
 
 import torch
 
+from .attacks import TRIGGERS as TRIGGER_NAMES
+from .bounds import BOUNDS as BOUND_NAMES
+from .data import DATASETS as DATASET_NAMES
 from .errors import CertssbError
 
-DATASET_NAMES = ("digits", "mnist", "cifar10", "imagenette", "folder", "numpy")
 METHOD_NAMES = ("cert-ssb", "rab")
-TRIGGER_NAMES = ("onepixel", "fourpixel", "blending", "badnets", "blended")
-BOUND_NAMES = ("hoeffding", "clopper-pearson")
 
 # Paper schedules (Adam): MNIST 20 epochs batch 128 lr 1e-3; CIFAR 10 / 64 / 1e-3;
 # ImageNette 5 / 32 / 1e-4. digits is the embedded demo: small and quick, with the

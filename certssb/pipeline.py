@@ -19,7 +19,8 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .attacks import make_trigger, poison_training_set, triggered_test_set
+from .attacks import ADDITIVE_TRIGGERS, make_trigger, poison_training_set, triggered_test_set
+from .bounds import certified_radius, pa_lower, poison_budget
 from .certify import Votes, certify_votes, collect_votes
 from .config import RunConfig, resolve_device
 from .data import load_task
@@ -32,11 +33,9 @@ from .regions import RegionStore
 from .report import format_table, plot_certified_accuracy, split_metrics, write_certificates_csv
 from .seeding import derive_seed, generator
 from .sigma import SigmaSearch, optimize_sigma, sigma_stats
-from .bounds import certified_radius, pa_lower, poison_budget
 from .training import Schedule, predict, train_classifier
 
 RUN_FORMAT = 1
-ADDITIVE_TRIGGERS = ("onepixel", "fourpixel", "blending")
 
 
 def _version() -> str:
