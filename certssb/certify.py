@@ -72,7 +72,7 @@ class Certificates:
 
 
 def collect_votes(models: Iterable[nn.Module] | Iterable[tuple[int, nn.Module]], x: torch.Tensor,
-                  sigma: torch.Tensor, *, seed: int, num_classes: int, batch_size: int = 512,
+                  sigma: torch.Tensor, *, seed: int, num_classes: int, batch_size: int = 128,
                   device: torch.device | str = "cpu", progress=None) -> Votes:
     """Stream the ensemble's votes on x [B, C, H, W] with per-input noise levels sigma [B].
 
@@ -145,7 +145,7 @@ def certify_votes(votes: Votes, sigma: torch.Tensor, *, bound: str = "hoeffding"
 
 def certify_models(models: Iterable[nn.Module], x: torch.Tensor, sigma: torch.Tensor | float, *,
                    num_classes: int, seed: int = 0, bound: str = "hoeffding", alpha: float = 0.001,
-                   mode: str = "rab", sigma_train_min: float | None = None, batch_size: int = 512,
+                   mode: str = "rab", sigma_train_min: float | None = None, batch_size: int = 128,
                    device: torch.device | str = "cpu") -> Certificates:
     """Certify a user's own ensemble on user tensors.
 

@@ -91,7 +91,8 @@ def _add_common(p: argparse.ArgumentParser, out_required: bool = False) -> None:
                    help="run directory (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--seed", type=int, default=0, help="run seed: every random choice derives from it")
-    p.add_argument("--eval-batch-size", type=int, default=512)
+    p.add_argument("--eval-batch-size", type=int, default=128,
+                   help="noisy images per forward pass in the sigma search and certification (default 128)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 

@@ -186,8 +186,10 @@ def stage_sigma(p: Prepared, out: Path, progress: bool, log) -> tuple[dict[str, 
     sig = {}
     with tqdm(total=total, desc="optimise sigma", unit="sample", disable=not progress, leave=False) as bar:
         for split, xs in sets.items():
+            # eval_batch_size counts noisy images per pass: each sample brings `draws` of them
             sig[split] = optimize_sigma(base, xs, sample_ids(split, xs.shape[0]), search, seed=cfg.seed,
-                                        batch_size=cfg.eval_batch_size, device=p.device, progress=bar)
+                                        batch_size=max(1, cfg.eval_batch_size // search.draws),
+                                        device=p.device, progress=bar)
     seconds = time.perf_counter() - t0
     save_tensors(path, sig, metadata={"certssb": "sigma", "fingerprint": fp, "seconds": f"{seconds:.3f}",
                                       "search": json.dumps(search.as_dict())})

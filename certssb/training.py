@@ -74,7 +74,7 @@ def memory_format(x: torch.Tensor) -> torch.memory_format:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 512,
+def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 128,
             device: torch.device | str = "cpu") -> torch.Tensor:
     """Argmax predictions [N] (int64, on CPU) of a plain model on clean inputs."""
     model.eval()
