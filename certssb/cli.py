@@ -16,7 +16,10 @@ from .errors import CertssbError
 
 def _classes(text: str):
     from .data import parse_classes
-    return parse_classes(text)
+    try:
+        return parse_classes(text)
+    except CertssbError as e:  # argparse shows ArgumentTypeError messages verbatim
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _pixel(text: str) -> list[int]:

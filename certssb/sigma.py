@@ -54,7 +54,7 @@ class SigmaSearch:
 
 
 def optimize_sigma(model: nn.Module, x: torch.Tensor, ids: torch.Tensor, search: SigmaSearch, *,
-                   seed: int, batch_size: int = 256, device: torch.device | str = "cpu",
+                   seed: int, batch_size: int = 32, device: torch.device | str = "cpu",
                    progress=None) -> torch.Tensor:
     """Optimised sigma [N] (float32, CPU) for the samples x [N, C, H, W] with SIGMA-stream ids [N].
 
