@@ -170,7 +170,10 @@ def format_table(summary: Mapping) -> str:
 
 
 def plot_certified_accuracy(summary: Mapping, path: str | Path) -> None:
-    """PNG: certified accuracy against radius, one line per method, clean and triggered panels."""
+    """PNG: certified accuracy against radius, one line per method, clean and triggered panels.
+
+    Points are the measured radii of the table, joined by lines (between two radii the
+    curve is only known to lie between its neighbours' values)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,12 +190,12 @@ def plot_certified_accuracy(summary: Mapping, path: str | Path) -> None:
                 curve = m.get(split, {}).get(key)
                 if curve:
                     xs = [float(r) for r in curve]
-                    ax.step(xs, list(curve.values()), where="post", linestyle=style, color=color, label=label)
+                    ax.plot(xs, list(curve.values()), marker=".", linestyle=style, color=color, label=label)
             other = m.get("variants", {}).get("no_update" if m.get("storage_update", {}).get("applied")
                                               else "storage_update", {}).get(split, {})
             if other.get("certified_accuracy"):
                 curve = other["certified_accuracy"]
-                ax.step([float(r) for r in curve], list(curve.values()), where="post", linestyle="--",
+                ax.plot([float(r) for r in curve], list(curve.values()), marker=".", linestyle="--",
                         alpha=0.5, color=color,
                         label=f"{name} ({'without' if m.get('storage_update', {}).get('applied') else 'with'} storage update)")
         ax.set_title(title)
