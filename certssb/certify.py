@@ -15,7 +15,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .bounds import BOUNDS, certified_radius, conservative_radius, pa_lower, poison_budget, top2
+from .bounds import BOUNDS, certified_radius, conservative_radius, pa_lower, top2
 from .errors import CertssbError
 from .noise import Stream, noisy_copies
 from .training import memory_format
@@ -169,5 +169,4 @@ def certify_models(models: Iterable[nn.Module], x: torch.Tensor, sigma: torch.Te
                          sigma_train_min=sigma_train_min)
 
 
-__all__ = ["MODES", "Votes", "Certificates", "collect_votes", "certify_votes", "certify_models",
-           "poison_budget"]
+__all__ = ["MODES", "Votes", "Certificates", "collect_votes", "certify_votes", "certify_models"]
