@@ -46,14 +46,16 @@ TORCH_LIBRARY(certssb, m) {
   m.def("noise_sigma_grad(Tensor grad_out, Tensor ids, int seed, int stream, int k0) -> Tensor");
 
   // ---- vote (cpu/vote.cpp, cuda/vote_kernel.cu) ----------------------------
-  // Accumulates a chunk of logits [Mc, B, C] into soft_sum [B, C] float64
-  // (sum over models of softmax) and hard_count [B, C] int64 (argmax votes,
-  // ties to the lowest class index), in place.
-  m.def("vote_accumulate(Tensor logits, Tensor(a!) soft_sum, Tensor(b!) hard_count) -> ()");
-  // Top-2 classes of every row, ranked by hard_count (by_count) or soft_sum,
+  // Accumulates a chunk of logits [Mc, B, C] into soft_units [B, C] int64
+  // (sum over models of round(softmax * 2^40): fixed point, so the sum is
+  // exact and independent of how models are chunked or sharded) and
+  // hard_count [B, C] int64 (argmax votes, ties to the lowest class index),
+  // in place.
+  m.def("vote_accumulate(Tensor logits, Tensor(a!) soft_units, Tensor(b!) hard_count) -> ()");
+  // Top-2 classes of every row, ranked by hard_count (by_count) or soft_units,
   // ties to the lowest class index. Returns (classes [B, 2] int64,
-  // soft_sum at those classes [B, 2] float64, hard_count at them [B, 2] int64).
-  m.def("vote_top2(Tensor soft_sum, Tensor hard_count, bool by_count) -> (Tensor, Tensor, Tensor)");
+  // soft_units at those classes [B, 2] int64, hard_count at them [B, 2] int64).
+  m.def("vote_top2(Tensor soft_units, Tensor hard_count, bool by_count) -> (Tensor, Tensor, Tensor)");
 
   // ---- radius (cpu/radius.cpp, cuda/radius_kernel.cu) ----------------------
   // Certificate arithmetic. bound "hoeffding": pA_lower = clamp(top_score -
