@@ -17,6 +17,8 @@ from torch import nn
 
 from .bounds import BOUNDS, certified_radius, conservative_radius, pa_lower, top2
 from .errors import CertssbError
+from .kernels import use_kernels
+from .kernels.vote import UNITS_PER_ONE, reference_accumulate, vote_accumulate, vote_top2
 from .noise import Stream, noisy_copies
 from .training import memory_format
 
@@ -25,32 +27,55 @@ MODES = ("rab", "paper")
 
 @dataclass
 class Votes:
-    """Streaming vote accumulators over the models of an ensemble."""
+    """Streaming vote accumulators over the models of an ensemble.
 
-    soft_sum: torch.Tensor  # [B, C] float64: sum over models of softmax probabilities
+    Soft scores are fixed point: `soft_units` [B, C] int64 holds the sum over models
+    of round(softmax * 2^40), so sums are exact and the same however the models are
+    chunked, ordered or sharded over processes (all-reduce the two tensors and
+    `models`). `soft_sum` gives them back as float64 probability sums.
+    """
+
+    soft_units: torch.Tensor  # [B, C] int64: sum over models of round(softmax * 2^40)
     hard_count: torch.Tensor  # [B, C] int64: number of models whose argmax is each class
     models: int = 0
 
     @classmethod
-    def zeros(cls, batch: int, num_classes: int) -> "Votes":
-        return cls(torch.zeros(batch, num_classes, dtype=torch.float64),
-                   torch.zeros(batch, num_classes, dtype=torch.int64), 0)
+    def zeros(cls, batch: int, num_classes: int, device: torch.device | str = "cpu") -> "Votes":
+        return cls(torch.zeros(batch, num_classes, dtype=torch.int64, device=device),
+                   torch.zeros(batch, num_classes, dtype=torch.int64, device=device), 0)
 
-    def add_logits(self, logits: torch.Tensor) -> None:
-        """Accumulate a chunk of logits [Mc, B, C] (Mc models on the same B inputs)."""
-        if logits.dim() != 3 or logits.shape[1:] != self.soft_sum.shape:
-            raise CertssbError(f"logits must have shape [Mc, {self.soft_sum.shape[0]}, "
-                               f"{self.soft_sum.shape[1]}], got {list(logits.shape)}")
-        logits = logits.detach().cpu()
-        self.soft_sum += torch.softmax(logits.double(), dim=-1).sum(0)
-        self.hard_count += torch.nn.functional.one_hot(
-            logits.argmax(-1), self.soft_sum.shape[1]).sum(0)
+    @property
+    def soft_sum(self) -> torch.Tensor:
+        """[B, C] float64: sum over models of the softmax probabilities (to 2^-41 per model)."""
+        return self.soft_units.double() / float(UNITS_PER_ONE)
+
+    def add_logits(self, logits: torch.Tensor, backend: str | None = None) -> None:
+        """Accumulate a chunk of logits [Mc, B, C] (Mc models on the same B inputs).
+
+        backend: "kernels" (fused softmax + vote, `certssb.kernels.vote`), "reference"
+        (PyTorch), or None for the current default; both give identical integers up to
+        a rounding of the last unit. Logits on another device are moved to the
+        accumulators' device.
+        """
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[1:] != self.soft_units.shape:
+            shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise CertssbError(f"logits must have shape [Mc, {self.soft_units.shape[0]}, "
+                               f"{self.soft_units.shape[1]}], got {shape}")
+        logits = logits.detach().to(self.soft_units.device)
+        if use_kernels(backend, logits.device):
+            vote_accumulate(logits, self.soft_units, self.hard_count)
+        else:
+            reference_accumulate(logits, self.soft_units, self.hard_count)
         self.models += logits.shape[0]
 
     def merge(self, other: "Votes") -> None:
-        self.soft_sum += other.soft_sum
-        self.hard_count += other.hard_count
+        self.soft_units += other.soft_units.to(self.soft_units.device)
+        self.hard_count += other.hard_count.to(self.hard_count.device)
         self.models += other.models
+
+    def rows(self, start: int, stop: int) -> "Votes":
+        """The accumulators of inputs [start, stop) (views, same model count)."""
+        return Votes(self.soft_units[start:stop], self.hard_count[start:stop], self.models)
 
 
 @dataclass
@@ -105,13 +130,16 @@ def collect_votes(models: Iterable[nn.Module] | Iterable[tuple[int, nn.Module]],
 
 
 def certify_votes(votes: Votes, sigma: torch.Tensor, *, bound: str = "hoeffding", alpha: float = 0.001,
-                  mode: str = "rab", sigma_train_min: float | None = None) -> Certificates:
+                  mode: str = "rab", sigma_train_min: float | None = None,
+                  backend: str | None = None) -> Certificates:
     """Certificates from accumulated votes.
 
     bound "hoeffding": top class and pA_hat from the soft mean; "clopper-pearson":
     top class and count from the hard votes. pB_upper = 1 - pA_lower,
     R = sigma/2 (PhiInv(pA_lower) - PhiInv(pB_upper)); abstain when pA_lower <= 1/2.
     mode "paper" also gives the conservative radius rho * min(sigma_x, sigma_train_min).
+    backend: "kernels" (vote_top2 + radius_certify ops), "reference" (PyTorch + SciPy), or
+    None for the current default; both give the same certificates (radii to ~1e-12).
     """
     if bound not in BOUNDS:
         raise CertssbError(f"unknown bound {bound!r}; choose one of {', '.join(BOUNDS)}")
@@ -120,18 +148,26 @@ def certify_votes(votes: Votes, sigma: torch.Tensor, *, bound: str = "hoeffding"
     if votes.models < 1:
         raise CertssbError("no model votes were collected; an ensemble needs at least one model")
     m = votes.models
-    c = votes.soft_sum.shape[1]
-    if bound == "hoeffding":
-        top_cls, top_val, _, _ = top2(votes.soft_sum / m)
-        top_count = votes.hard_count.gather(1, top_cls[:, None])[:, 0]
-        top_score = top_val
-    else:
-        top_cls, top_val, _, _ = top2(votes.hard_count.double())
-        top_count = top_val.round().long()
-        top_score = (votes.soft_sum / m).gather(1, top_cls[:, None])[:, 0]
-    pa = pa_lower(bound, top_score=top_score, top_count=top_count, m=m, alpha=alpha, num_classes=c)
+    c = votes.soft_units.shape[1]
+    by_count = bound == "clopper-pearson"
     sigma64 = sigma.double().cpu()
-    radius, pb, abstain = certified_radius(pa, sigma64)
+    if use_kernels(backend, votes.soft_units.device):
+        from .kernels.radius import certify_radius  # noqa: PLC0415  (TODO: top-level once merged)
+
+        cls, units, counts = vote_top2(votes.soft_units, votes.hard_count, by_count=by_count)
+        top_cls = cls[:, 0].cpu()
+        top_score = (units[:, 0].double() / (float(UNITS_PER_ONE) * m)).cpu()
+        top_count = counts[:, 0].cpu()
+        pa, pb, radius, abstain = certify_radius(top_score, top_count, sigma64, models=m, alpha=alpha,
+                                                 num_classes=c, bound=bound)
+    else:
+        soft_units, hard_count = votes.soft_units.cpu(), votes.hard_count.cpu()
+        # Ranking by the integer units equals ranking by the soft mean, ties included.
+        top_cls, _, _, _ = top2(hard_count if by_count else soft_units)
+        top_count = hard_count.gather(1, top_cls[:, None])[:, 0]
+        top_score = soft_units.gather(1, top_cls[:, None])[:, 0].double() / (float(UNITS_PER_ONE) * m)
+        pa = pa_lower(bound, top_score=top_score, top_count=top_count, m=m, alpha=alpha, num_classes=c)
+        radius, pb, abstain = certified_radius(pa, sigma64)
     if mode == "paper":
         if sigma_train_min is None:
             raise CertssbError("paper mode needs sigma_train_min for the conservative radius")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import DATASET_NAMES, TRIGGER_NAMES, RunConfig, parse_radii
 from .errors import CertssbError
+from .kernels import BACKENDS
 
 
 def _classes(text: str):
@@ -93,6 +94,8 @@ def _add_common(p: argparse.ArgumentParser, out_required: bool = False) -> None:
     p.add_argument("--out", required=out_required, default=None if out_required else "runs/latest",
                    help="run directory (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--backend", choices=BACKENDS, default="kernels",
+                   help="kernels: the native C++/CUDA ops (default); reference: pure PyTorch, same results")
     p.add_argument("--seed", type=int, default=0, help="run seed: every random choice derives from it")
     p.add_argument("--eval-batch-size", type=int, default=128,
                    help="noisy images per forward pass in the sigma search and certification (default 128)")
@@ -118,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cert_args(p, defaults=False)
     p.add_argument("--out", required=True, help="the run directory written by `certssb train` or `run`")
     p.add_argument("--device", default=None)
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="kernels (native ops) or reference (pure PyTorch); default: the run's")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--debug", action="store_true")
     p = sub.add_parser("report", help="recompute tables and plots from a run directory's certificates")
@@ -132,7 +137,7 @@ CONFIG_KEYS = ("dataset", "data_dir", "classes", "image_size", "max_train", "max
                "poison_rate", "target", "all_to_all", "method", "sigma0", "sigma_steps", "sigma_draws",
                "sigma_lr", "sigma_min", "sigma_max", "models", "epochs", "base_epochs", "batch_size", "lr",
                "arch", "bound", "alpha", "radii", "storage_update", "region_order", "seed", "device",
-               "out", "eval_batch_size")
+               "backend", "out", "eval_batch_size")
 
 
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -187,7 +192,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                                f"`certssb train` or `certssb run`")
         saved = read_json(path)
         cfg = RunConfig.from_dict(saved["config"])
-        for key in ("bound", "alpha", "radii", "storage_update", "region_order", "device"):
+        for key in ("bound", "alpha", "radii", "storage_update", "region_order", "device", "backend"):
             if getattr(args, key, None) is not None:
                 setattr(cfg, key, getattr(args, key))
         cfg.out = args.out

@@ -18,6 +18,7 @@ from .attacks import TRIGGERS as TRIGGER_NAMES
 from .bounds import BOUNDS as BOUND_NAMES
 from .data import DATASETS as DATASET_NAMES
 from .errors import CertssbError
+from .kernels import check_backend
 
 METHOD_NAMES = ("cert-ssb", "rab")
 
@@ -78,6 +79,7 @@ class RunConfig:
                                 # faster on CPUs (cache-resident activations: 2x at 128 vs 512)
     seed: int = 0
     device: str = "auto"
+    backend: str = "kernels"  # "kernels": native C++/CUDA ops; "reference": pure PyTorch (same results)
     out: str = "runs/latest"
 
     # ---------------------------------------------------------------- helpers
@@ -171,6 +173,7 @@ class RunConfig:
         if self.radii is not None and (not self.radii or any(
                 (not isinstance(r, (int, float))) or (not math.isfinite(r)) or r < 0 for r in self.radii)):
             raise CertssbError(f"--radii must be non-negative finite numbers, got {self.radii}")
+        check_backend(self.backend)
         if self.region_order not in ("index", "random"):
             raise CertssbError(f"--region-order must be index or random, got {self.region_order!r}")
         if self.trigger_pixel is not None and (len(self.trigger_pixel) != 2 or any(

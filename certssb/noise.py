@@ -25,8 +25,9 @@ Definition (the native kernels implement exactly the same):
   see `sample_ids`).
 
 The 32-bit uniforms cap |z| at sqrt(-2 ln 2^-32) ~ 6.66, harmless here.
-This module is the pure-PyTorch reference; `certssb.ops` dispatches to the
-native kernels where they are built.
+This module is the pure-PyTorch reference; `noisy_copies` dispatches to the
+fused native kernel (`certssb.kernels.noise`) unless the reference backend is
+asked for.
 """
 from __future__ import annotations
 
@@ -143,14 +144,23 @@ def normal(seed: int, stream: int, a: torch.Tensor | int, b: torch.Tensor | int,
 
 
 def noisy_copies(x: torch.Tensor, sigma: torch.Tensor | float, *, seed: int, stream: int,
-                 models: Sequence[int] | torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+                 models: Sequence[int] | torch.Tensor, ids: torch.Tensor | None,
+                 backend: str | None = None) -> torch.Tensor:
     """out[k, j] = x[j] + sigma[j] * eps(seed, stream, models[k], ids[j], :) for a block of models.
 
     x: [B, ...]; sigma: a float or [B]; models: K model indices (the `a` word);
     ids: [B] sample indices (the `b` word), or None for b = 0 shared by every
     input (the TEST stream). Returns [K, B, ...] in x's dtype. Differentiable in
     x and sigma (the noise itself is a constant).
+
+    backend: "kernels" (the fused native op, one call per run of consecutive model
+    indices), "reference" (this module's pure PyTorch), or None for
+    `certssb.kernels.current_backend()`. Both give the same numbers (to 1e-6).
     """
+    from .kernels import use_kernels  # late: kernels imports this package's _ops
+
+    if use_kernels(backend, x.device) and x.dim() >= 1 and x.is_floating_point():
+        return _noisy_copies_kernel(x, sigma, seed=seed, stream=stream, models=models, ids=ids)
     B = x.shape[0]
     d = x[0].numel() if B else int(math.prod(x.shape[1:]))
     models_t = torch.as_tensor(models, dtype=torch.int64, device=x.device).reshape(-1)
@@ -166,3 +176,36 @@ def noisy_copies(x: torch.Tensor, sigma: torch.Tensor | float, *, seed: int, str
     if sig.dim() == 1:
         sig = sig.reshape(1, B, *([1] * (x.dim() - 1)))
     return x.unsqueeze(0) + sig * eps.reshape(len(models_t), B, *x.shape[1:])
+
+
+def _noisy_copies_kernel(x: torch.Tensor, sigma: torch.Tensor | float, *, seed: int, stream: int,
+                         models: Sequence[int] | torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+    """`noisy_copies` through the fused kernel: one op call per run of consecutive models."""
+    from .kernels.noise import noise
+
+    B = x.shape[0]
+    models_l = [int(k) for k in torch.as_tensor(models, dtype=torch.int64).reshape(-1).tolist()]
+    if ids is None:
+        ids_t = torch.zeros(B, dtype=torch.int64, device=x.device)
+    else:
+        ids_t = torch.as_tensor(ids, dtype=torch.int64, device=x.device)
+        if ids_t.shape != (B,):
+            raise CertssbError(f"ids must have shape [{B}], got {list(ids_t.shape)}")
+    sig = torch.as_tensor(sigma, device=x.device)
+    if not sig.is_floating_point():
+        sig = sig.to(x.dtype)
+    if sig.dim() == 0:
+        sig = sig.expand(B)
+    elif sig.shape != (B,):
+        raise CertssbError(f"sigma must be a number or have shape [{B}], got {list(sig.shape)}")
+    runs: list[tuple[int, int]] = []  # (first model, count)
+    for k in models_l:
+        if runs and k == runs[-1][0] + runs[-1][1]:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((k, 1))
+    if not runs:
+        return x.new_empty((0, *x.shape))
+    parts = [noise(x, sig, ids_t, seed=_check_seed(seed), stream=int(stream), k0=k0, models=n)
+             for k0, n in runs]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

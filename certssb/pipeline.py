@@ -27,6 +27,7 @@ from .data import load_task
 from .ensemble import EnsembleDir, EnsembleSpec
 from .errors import CertssbError
 from .fileio import atomic_write_json, atomic_write_text, load_tensors, read_json, save_tensors
+from .kernels import using_backend
 from .models import build_model, default_arch
 from .noise import Stream, normal, sample_ids
 from .regions import RegionStore
@@ -243,7 +244,7 @@ def stage_certify(p: Prepared, out: Path, method: str, ens: EnsembleDir, sigma: 
     start = 0
     for split, (xs, ys, yt, idx) in splits.items():
         n = xs.shape[0]
-        sub = Votes(votes.soft_sum[start:start + n], votes.hard_count[start:start + n], votes.models)
+        sub = votes.rows(start, start + n)
         start += n
         cert = certify_votes(sub, sigma[split], bound=cfg.bound, alpha=cfg.alpha, mode=mode,
                              sigma_train_min=sigma_train_min)
@@ -293,6 +294,11 @@ def run(config: RunConfig | dict, *, train: bool = True, certify: bool = True, p
     cfg = RunConfig.from_dict(config) if isinstance(config, dict) else config
     cfg = cfg.resolve()
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    with using_backend(cfg.backend):  # every noise draw, vote and radius of this run
+        return _run(cfg, train=train, certify=certify, progress=progress, log=log)
+
+
+def _run(cfg: RunConfig, *, train: bool, certify: bool, progress: bool, log: Callable[[str], None]) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()

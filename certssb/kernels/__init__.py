@@ -13,6 +13,10 @@ decides, per call, whether the native path applies.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import Iterator
+
 import torch
 
 from .._ops import has_cuda_kernels
@@ -20,6 +24,31 @@ from ..errors import CertssbError
 
 BACKENDS = ("kernels", "reference")
 DEFAULT_BACKEND = "kernels"
+
+
+_BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("certssb_backend",
+                                                              default=DEFAULT_BACKEND)
+
+
+def current_backend() -> str:
+    """The backend used by calls that pass backend=None ("kernels" unless `using_backend` says)."""
+    return _BACKEND.get()
+
+
+@contextlib.contextmanager
+def using_backend(backend: str) -> Iterator[str]:
+    """Run the enclosed stages on `backend` ("kernels" or "reference"); restores the previous one.
+
+    Example::
+
+        with using_backend("reference"):
+            certssb.run(config)  # every noise draw, vote and radius through pure PyTorch
+    """
+    token = _BACKEND.set(check_backend(backend))
+    try:
+        yield backend
+    finally:
+        _BACKEND.reset(token)
 
 
 def check_backend(backend: str) -> str:
@@ -40,12 +69,14 @@ def kernels_on(device: torch.device | str) -> bool:
     return False
 
 
-def use_kernels(backend: str, device: torch.device | str) -> bool:
-    """True when `backend` asks for the kernels and they exist for `device`.
+def use_kernels(backend: str | None, device: torch.device | str) -> bool:
+    """True when `backend` (None: `current_backend()`) asks for the kernels and they exist for `device`.
 
     The reference path is taken silently on devices without kernels (for example
     MPS): both give the same numbers, only the speed differs.
     """
+    if backend is None:
+        backend = current_backend()
     return check_backend(backend) == "kernels" and kernels_on(device)
 
 
@@ -56,4 +87,4 @@ def seed_to_int64(seed: int) -> int:
     return seed - (1 << 64) if seed >= (1 << 63) else seed
 
 
-__all__ = ["BACKENDS", "DEFAULT_BACKEND", "check_backend", "kernels_on", "use_kernels", "seed_to_int64"]
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "current_backend", "using_backend", "check_backend", "kernels_on", "use_kernels", "seed_to_int64"]

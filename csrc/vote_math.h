@@ -1,0 +1,64 @@
+// vote_math.h: the per-row arithmetic of the vote op, shared by the CPU and
+// CUDA kernels so that both accumulate exactly the same integers.
+//
+// For one model's logits l[0..C) of one input:
+//   p_c   = exp(l_c - max l) / sum_j exp(l_j - max l)      (double)
+//   units = round_half_even(p_c * 2^40)                     (int64)
+//   vote  = argmax_c l_c, the lowest index among equal maxima.
+// Soft scores are kept as these fixed-point units: integer sums are exact, so
+// the accumulators do not depend on how the M models are chunked, ordered or
+// sharded over processes. 2^40 keeps ~12 decimal digits of each probability
+// and leaves room for 2^23 models in an int64.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define CERTSSB_VOTE_HD __host__ __device__ __forceinline__
+#else
+#define CERTSSB_VOTE_HD inline
+#endif
+
+namespace certssb {
+namespace vote {
+
+constexpr double kUnitsPerOne = 1099511627776.0;  // 2^40
+
+// Adds one model's vote for one input: `logit(c)` reads class c's logit as
+// double; soft[c] += units of p_c, hard[argmax] += 1.
+template <typename Read>
+CERTSSB_VOTE_HD void accumulate_row(Read logit, int64_t C, int64_t* soft, int64_t* hard) {
+  double mx = logit(0);
+  int64_t arg = 0;
+  for (int64_t c = 1; c < C; ++c) {
+    const double v = logit(c);
+    if (v > mx) {  // strict: ties keep the lower index
+      mx = v;
+      arg = c;
+    }
+  }
+  double total = 0.0;
+  for (int64_t c = 0; c < C; ++c) total += exp(logit(c) - mx);
+  for (int64_t c = 0; c < C; ++c) {
+    soft[c] += static_cast<int64_t>(nearbyint(exp(logit(c) - mx) / total * kUnitsPerOne));
+  }
+  hard[arg] += 1;
+}
+
+// Top-2 of key[0..C) (ties to the lowest index); C >= 2.
+CERTSSB_VOTE_HD void top2_row(const int64_t* key, int64_t C, int64_t* first, int64_t* second) {
+  int64_t a = 0;
+  for (int64_t c = 1; c < C; ++c) {
+    if (key[c] > key[a]) a = c;
+  }
+  int64_t b = a == 0 ? 1 : 0;
+  for (int64_t c = 0; c < C; ++c) {
+    if (c != a && key[c] > key[b]) b = c;
+  }
+  *first = a;
+  *second = b;
+}
+
+}  // namespace vote
+}  // namespace certssb
