@@ -19,6 +19,8 @@ from torch import nn
 
 from .bounds import radius_proxy
 from .errors import CertssbError
+from .kernels import use_kernels
+from .kernels.radius import radius_proxy as kernel_radius_proxy
 from .noise import Stream, noisy_copies
 from .training import memory_format
 
@@ -79,7 +81,7 @@ def optimize_sigma(model: nn.Module, x: torch.Tensor, ids: torch.Tensor, search:
                 flat = draws.reshape(n * b, *xb.shape[1:])
                 probs = torch.softmax(model(flat.contiguous(memory_format=memory_format(flat))), dim=1)
                 mean_probs = probs.reshape(n, b, -1).mean(0)
-                r = radius_proxy(mean_probs, sigma, clamp=search.prob_clamp)
+                r = _radius_proxy(mean_probs, sigma, search.prob_clamp)
                 (grad,) = torch.autograd.grad(r.sum(), sigma)
                 with torch.no_grad():
                     sigma = (sigma + search.lr * grad).clamp(search.sigma_min, search.sigma_max)
@@ -90,6 +92,13 @@ def optimize_sigma(model: nn.Module, x: torch.Tensor, ids: torch.Tensor, search:
         for p in model.parameters():
             p.requires_grad_(True)
     return out
+
+
+def _radius_proxy(mean_probs: torch.Tensor, sigma: torch.Tensor, clamp: tuple[float, float]) -> torch.Tensor:
+    """The radius proxy through the native op (with its own backward) or the PyTorch reference."""
+    if use_kernels(None, mean_probs.device):
+        return kernel_radius_proxy(mean_probs, sigma, clamp=clamp)
+    return radius_proxy(mean_probs, sigma, clamp=clamp)
 
 
 def _draws(x: torch.Tensor, sigma: torch.Tensor, ids: torch.Tensor, step: int, n: int,

@@ -46,7 +46,10 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(flo
   return __float2bfloat16(v);
 }
 
-// One thread per Philox block (4 consecutive elements of one row (k, b)).
+// Threads along x cover the Philox blocks of a row (4 consecutive elements
+// each); grid rows along y cover the rows (k, b), striding when there are more
+// than the grid has. (k, b) advance by carries, not division: 64-bit division
+// costs dozens of instructions on the GPU, and this kernel runs near memory speed.
 template <typename T>
 __global__ void noise_kernel(const T* __restrict__ x, const typename Acc<T>::type* __restrict__ sigma,
                              const int64_t* __restrict__ ids, T* __restrict__ out, int64_t K,
@@ -54,20 +57,21 @@ __global__ void noise_kernel(const T* __restrict__ x, const typename Acc<T>::typ
   using acc = typename Acc<T>::type;
   const philox::Key key = philox::split_seed(seed);
   const int64_t nblk = (D + 3) / 4;
-  const int64_t total = K * B * nblk;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += step) {
-    const int64_t row = i / nblk;
-    const int64_t blk = i - row * nblk;
-    const int64_t k = row / B;
-    const int64_t b = row - k * B;
+  const int64_t blk = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (blk >= nblk) return;
+  const int64_t e0 = blk * 4;
+  const int64_t dk = gridDim.y / B, db = gridDim.y % B;  // the row stride as (models, inputs)
+  int64_t k = blockIdx.y / B, b = blockIdx.y % B;
+  for (int64_t row = blockIdx.y; row < K * B; row += gridDim.y, k += dk, b += db) {
+    if (b >= B) {
+      b -= B;
+      k += 1;
+    }
     const philox::Normal4 z = philox::box_muller4_poly(philox::philox4x32_10(
         philox::make_counter(stream, k0 + static_cast<uint32_t>(k),
                              static_cast<uint32_t>(ids[b]), static_cast<uint32_t>(blk)),
         key));
     const acc s = sigma[b];
-    const int64_t e0 = blk * 4;
     const T* xr = x + b * D + e0;
     T* outr = out + row * D + e0;
 #pragma unroll
@@ -120,18 +124,20 @@ __global__ void noise_sigma_grad_kernel(const T* __restrict__ grad, const int64_
   }
 }
 
-int64_t grid_for(int64_t work) {
-  const int64_t blocks = (work + kThreads - 1) / kThreads;
-  return blocks < 1 ? 1 : (blocks > kMaxBlocks ? kMaxBlocks : blocks);
-}
 
 template <typename T>
 cudaError_t noise_typed(const void* x, const void* sigma, const int64_t* ids, void* out, int64_t K,
                         int64_t B, int64_t D, uint64_t seed, uint32_t stream, uint32_t k0,
                         cudaStream_t s) {
-  const int64_t work = K * B * ((D + 3) / 4);
-  if (work == 0) return cudaSuccess;
-  noise_kernel<T><<<static_cast<unsigned>(grid_for(work)), kThreads, 0, s>>>(
+  const int64_t nblk = (D + 3) / 4;
+  const int64_t rows = K * B;
+  if (rows == 0 || nblk == 0) return cudaSuccess;
+  // Narrow rows (small D) get narrow thread blocks, so few threads idle at a row's end.
+  const int threads = nblk >= 256 ? 256 : (nblk >= 128 ? 128 : 64);
+  const int64_t gx = (nblk + threads - 1) / threads;
+  if (gx > 0x7fffffffLL) return cudaErrorInvalidValue;
+  const int64_t gy = rows < 65535 ? rows : 65535;
+  noise_kernel<T><<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), threads, 0, s>>>(
       static_cast<const T*>(x), static_cast<const typename Acc<T>::type*>(sigma), ids,
       static_cast<T*>(out), K, B, D, seed, stream, k0);
   return cudaGetLastError();
