@@ -18,6 +18,7 @@ from torch import nn
 from .bounds import BOUNDS, certified_radius, conservative_radius, pa_lower, top2
 from .errors import CertssbError
 from .kernels import use_kernels
+from .kernels.radius import certify_radius
 from .kernels.vote import UNITS_PER_ONE, reference_accumulate, vote_accumulate, vote_top2
 from .noise import Stream, noisy_copies
 from .training import memory_format
@@ -152,8 +153,6 @@ def certify_votes(votes: Votes, sigma: torch.Tensor, *, bound: str = "hoeffding"
     by_count = bound == "clopper-pearson"
     sigma64 = sigma.double().cpu()
     if use_kernels(backend, votes.soft_units.device):
-        from .kernels.radius import certify_radius  # noqa: PLC0415  (TODO: top-level once merged)
-
         cls, units, counts = vote_top2(votes.soft_units, votes.hard_count, by_count=by_count)
         top_cls = cls[:, 0].cpu()
         top_score = (units[:, 0].double() / (float(UNITS_PER_ONE) * m)).cpu()

@@ -114,6 +114,25 @@ def test_certify_only_and_report(tiny_run):
     pipeline.run(RunConfig(**TINY, out=str(out)), train=False, progress=False, log=lambda s: None)
 
 
+@pytest.mark.parametrize("bound", ["clopper-pearson", "hoeffding"])
+def test_kernel_and_reference_backends_give_the_same_certificates(tiny_run, bound):
+    out, _, _ = tiny_run
+    rows = {}
+    for backend in ("reference", "kernels"):
+        cfg = RunConfig(**{**TINY, "bound": bound, "backend": backend}, out=str(out))
+        pipeline.run(cfg, train=False, progress=False, log=lambda s: None)
+        rows[backend] = {f"{m}-{split}": read_certificates_csv(out / f"certificates-{m}-{split}.csv")
+                         for m in ("rab", "cert-ssb") for split in ("clean", "triggered")}
+    for key, (ref, ref_kinds) in rows["reference"].items():
+        ker, ker_kinds = rows["kernels"][key]
+        assert ref_kinds == ker_kinds, key
+        for col in ("predict", "abstain", "predict_raw"):
+            assert torch.equal(ref[col], ker[col]), (key, col)
+        for col in ("radius", "pA_lower", "radius_conservative"):
+            torch.testing.assert_close(ker[col], ref[col], rtol=1e-9, atol=1e-12, msg=f"{key} {col}")
+    pipeline.run(RunConfig(**TINY, out=str(out)), train=False, progress=False, log=lambda s: None)
+
+
 def test_real_mnist_one_vs_zero(data_root, tmp_path):
     """The paper's MNIST 1-vs-0 task on the real IDX files (skipped when the data is absent)."""
     if not (data_root / "mnist").exists():
