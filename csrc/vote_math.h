@@ -38,10 +38,19 @@ CERTSSB_VOTE_HD void accumulate_row(Read logit, int64_t C, int64_t* soft, int64_
       arg = c;
     }
   }
+  // exp once per class when the row fits a small buffer (the common case), else twice.
+  constexpr int64_t kBuffered = 16;
+  double e[kBuffered];
   double total = 0.0;
-  for (int64_t c = 0; c < C; ++c) total += exp(logit(c) - mx);
   for (int64_t c = 0; c < C; ++c) {
-    soft[c] += static_cast<int64_t>(nearbyint(exp(logit(c) - mx) / total * kUnitsPerOne));
+    const double v = exp(logit(c) - mx);
+    if (c < kBuffered) e[c] = v;
+    total += v;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const double v = c < kBuffered ? e[c] : exp(logit(c) - mx);
+    // (v / total) * 2^40 as the reference rounds it: softmax first, then the exact scaling.
+    soft[c] += static_cast<int64_t>(nearbyint(v / total * kUnitsPerOne));
   }
   hard[arg] += 1;
 }

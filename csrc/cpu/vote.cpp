@@ -50,10 +50,13 @@ void vote_accumulate_cpu(const at::Tensor& logits, const at::Tensor& soft, const
     // Strided reads: any layout of logits works without a copy.
     const scalar_t* lp = logits.data_ptr<scalar_t>();
     const int64_t sm = logits.stride(0), sb = logits.stride(1), sc = logits.stride(2);
-    const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(M * C, 1));
-    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        for (int64_t k = 0; k < M; ++k) {
+    // Threads own blocks of inputs; within a block the models run in the outer loop, so
+    // each step reads a contiguous run of logits[k, begin:end] (walking k for a fixed b
+    // would touch a new cache line per model) while the block's accumulators stay in
+    // cache. Every b still adds its models in order k = 0, 1, ...: deterministic.
+    at::parallel_for(0, B, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t k = 0; k < M; ++k) {
+        for (int64_t b = begin; b < end; ++b) {
           const scalar_t* row = lp + k * sm + b * sb;
           vote::accumulate_row([&](int64_t c) { return static_cast<double>(row[c * sc]); }, C,
                                soft_p + b * C, hard_p + b * C);
