@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("certify", help="certify the trained ensembles of a run directory")
     _add_cert_args(p, defaults=False)
     p.add_argument("--out", required=True, help="the run directory written by `certssb train` or `run`")
+    p.add_argument("--regions", metavar="FILE", default=None,
+                   help="continue this region store (a regions-<method>-<split>.safetensors of an earlier "
+                        "run): each split's storage update starts from it instead of an empty store and "
+                        "its query numbers go on from it; the continued stores go to --out as usual")
     p.add_argument("--device", default=None)
     p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="kernels (native ops) or reference (pure PyTorch); default: the run's")
@@ -196,7 +200,14 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             if getattr(args, key, None) is not None:
                 setattr(cfg, key, getattr(args, key))
         cfg.out = args.out
-        summary = pipeline.run(cfg, train=False, progress=not args.quiet)
+        regions = None
+        if args.regions is not None:
+            from .regions import RegionStore
+            if not Path(args.regions).is_file():
+                raise CertssbError(f"--regions {args.regions} does not exist; pass a region store saved by an "
+                                   "earlier run (RUN/regions-<method>-<split>.safetensors)")
+            regions = RegionStore.load(args.regions)  # loaded once: the run may overwrite the file
+        summary = pipeline.run(cfg, train=False, progress=not args.quiet, regions=regions)
         _print_summary(summary, cfg.out)
         return 0
     if args.command == "report":

@@ -209,21 +209,34 @@ def _ensemble(p: Prepared, out: Path, method: str, sigma_train: torch.Tensor) ->
     return EnsembleDir(out / "models" / method, spec)
 
 
-def _storage_update(x: torch.Tensor, rows: dict, order: torch.Tensor, path: Path) -> tuple[list[str], dict]:
-    store = RegionStore(dim=x[0].numel())
+def _storage_update(x: torch.Tensor, rows: dict, order: torch.Tensor, path: Path,
+                    regions: Optional[RegionStore] = None, progress: bool = False) -> tuple[list[str], dict]:
+    """Storage update of one split in the recorded order, continuing a copy of `regions` if given
+    (the continued store goes to path); query_order becomes the store's query number."""
+    store = RegionStore(dim=x[0].numel()) if regions is None else regions.copy()
+    if store.dim is not None and store.dim != x[0].numel():
+        raise CertssbError(f"--regions {(regions.source or {}).get('path', '')} holds inputs with {store.dim} "
+                           f"features but this run's have {x[0].numel()}; pass a store written for the same "
+                           "dataset and image size")
+    rows["query_order"] = rows["query_order"] + store.n_queries
     labels, radii, kinds = store.certify_stream(x.reshape(x.shape[0], -1), rows["predict_raw"],
-                                                rows["radius_raw"], rows["abstain"], order=order)
+                                                rows["radius_raw"], rows["abstain"], order=order,
+                                                progress=None if progress else False)
     rows["predict"] = labels.long()
     rows["radius"] = radii.double()
     store.save(path)
     counts = {"trimmed": kinds.count("trim"), "aligned": kinds.count("align"),
-              "unchanged": kinds.count("none"), "abstained": kinds.count("abstain")}
+              "unchanged": kinds.count("none"), "abstained": kinds.count("abstain"),
+              "backend": store.backend, "inputs_per_s": round(store.last_stream["inputs_per_s"], 1)}
     return kinds, counts
 
 
 def stage_certify(p: Prepared, out: Path, method: str, ens: EnsembleDir, sigma: dict[str, torch.Tensor],
-                  sigma_train_min: float, progress: bool, log) -> dict:
-    """Votes of every model on clean + triggered inputs, certificates, storage update, CSVs, metrics."""
+                  sigma_train_min: float, progress: bool, log, regions: Optional[RegionStore] = None) -> dict:
+    """Votes of every model on clean + triggered inputs, certificates, storage update, CSVs, metrics.
+
+    regions: a loaded region store (RegionStore.load) that the storage update of every split
+    continues (each split a copy of it) instead of starting empty."""
     cfg = p.cfg
     t0 = time.perf_counter()
     splits = {"clean": (p.task.x_test, p.task.y_test, None, torch.arange(p.task.x_test.shape[0])),
@@ -259,7 +272,8 @@ def stage_certify(p: Prepared, out: Path, method: str, ens: EnsembleDir, sigma: 
         if yt is not None:
             rows["target"] = yt
         t1 = time.perf_counter()
-        kinds, counts = _storage_update(xs, rows, order, out / f"regions-{method}-{split}.safetensors")
+        kinds, counts = _storage_update(xs, rows, order, out / f"regions-{method}-{split}.safetensors",
+                                        regions, progress)
         t_update += time.perf_counter() - t1
         applied = result["storage_update"]["applied"]
         # The CSV always holds both: predict/radius after the storage update, *_raw before it;
@@ -278,18 +292,21 @@ def stage_certify(p: Prepared, out: Path, method: str, ens: EnsembleDir, sigma: 
     su = result["storage_update"]
     su["trimmed"] = su["clean"]["trimmed"] + su["triggered"]["trimmed"]
     su["aligned"] = su["clean"]["aligned"] + su["triggered"]["aligned"]
+    if regions is not None:
+        su["continued"] = {"n": len(regions), "queries": regions.n_queries, **(regions.source or {})}
     result["seconds"] = {"votes": round(t_votes, 3), "storage_update": round(t_update, 3)}
     return result
 
 
 def run(config: RunConfig | dict, *, train: bool = True, certify: bool = True, progress: bool = True,
-        log: Optional[Callable[[str], None]] = None) -> dict:
+        log: Optional[Callable[[str], None]] = None, regions: Optional[RegionStore] = None) -> dict:
     """Run the whole pipeline and return the summary (also written to `<out>/summary.json`).
 
     config: a RunConfig or a dict of its fields. train=False certifies an existing
     run directory without training anything that is missing (`certssb certify`);
     certify=False stops after training (`certssb train`) and returns a summary
-    without certificates.
+    without certificates. regions: a loaded RegionStore that the storage update of every
+    split continues (`certssb certify --regions FILE`).
     """
     cfg = RunConfig.from_dict(config) if isinstance(config, dict) else config
     cfg = cfg.resolve()
@@ -349,7 +366,7 @@ def _run(cfg: RunConfig, *, train: bool, certify: bool, progress: bool, log: Cal
             summary["methods"][method] = {"models": cfg.models, "trained": True,
                                           "seconds": {"train": round(t_train, 3)}}
             continue
-        res = stage_certify(p, out, method, ens, sig, float(sig["train"].min()), progress, log)
+        res = stage_certify(p, out, method, ens, sig, float(sig["train"].min()), progress, log, regions=regions)
         m = {"models": cfg.models, "bound": cfg.bound, "alpha": cfg.alpha,
              "mode": "rab" if method == "rab" else "paper",
              "ceiling": radius_ceiling(cfg.bound, cfg.models, cfg.alpha, p.task.num_classes,

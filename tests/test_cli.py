@@ -35,6 +35,52 @@ def test_certify_subcommand_changes_the_bound(run_dir, capsys):
     assert "cert-ssb clean" in capsys.readouterr().out
 
 
+def test_certify_continues_a_region_store(run_dir, tmp_path, capsys):
+    import csv
+    import shutil
+
+    import torch
+
+    from certssb.fileio import sha256_file
+    from certssb.region_index import resolve_backend
+    from certssb.regions import RegionStore
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    # a memory of earlier queries on 8x8 digits: 5 stored balls and 2 abstentions
+    g = torch.Generator().manual_seed(0)
+    before = RegionStore()
+    before.certify_stream(torch.rand(7, 1, 8, 8, generator=g), torch.tensor([0, 1, 2, 0, 1, 2, 0]), torch.full((7,), 0.5),
+                          torch.tensor([False, True, False, False, True, False, False]))
+    memory = run / "regions-cert-ssb-clean.safetensors"  # continued AND rewritten by this call
+    before.save(memory)
+    digest = sha256_file(memory)
+    assert main(["certify", "--out", str(run), "--regions", str(memory), "--quiet"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    for method in ("rab", "cert-ssb"):
+        for split in ("clean", "triggered"):
+            after = RegionStore.load(run / f"regions-{method}-{split}.safetensors")
+            # the memory is kept as it was; this run's queries are numbered after it
+            assert torch.equal(after.centres[:5], before.centres) and torch.equal(after.radii[:5], before.radii)
+            assert torch.equal(after.labels[:5], before.labels) and torch.equal(after.queries[:5], before.queries)
+            after.check_invariant()
+            with open(run / f"certificates-{method}-{split}.csv") as f:
+                order = sorted(int(r["query_order"]) for r in csv.DictReader(f))
+            assert order == list(range(7, 7 + len(order)))
+            assert after.n_queries == 7 + len(order)
+            assert summary["methods"][method]["storage_update"][split]["backend"] == resolve_backend("auto", "cpu")
+        cont = summary["methods"][method]["storage_update"]["continued"]
+        assert cont == {"n": 5, "queries": 7, "path": str(memory), "sha256": digest}
+    # a missing file and a store of another input size are user errors
+    assert main(["certify", "--out", str(run), "--regions", str(tmp_path / "nope.safetensors"), "--quiet"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    small = RegionStore(3)
+    small.update(torch.zeros(3), 0, 1.0)
+    small.save(tmp_path / "small.safetensors")
+    assert main(["certify", "--out", str(run), "--regions", str(tmp_path / "small.safetensors"), "--quiet"]) == 2
+    assert "features" in capsys.readouterr().err
+
+
 def test_train_subcommand_then_certify(tmp_path, capsys):
     out = tmp_path / "t"
     assert main(["train", *TINY, "--method", "rab", "--out", str(out)]) == 0
