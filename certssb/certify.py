@@ -9,19 +9,22 @@ Clopper-Pearson on the hard votes (Bonferroni over classes).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
 from torch import nn
 
+from . import training
 from .bounds import BOUNDS, certified_radius, conservative_radius, pa_lower, top2
 from .errors import CertssbError
 from .kernels import use_kernels
 from .kernels.radius import certify_radius
 from .kernels.vote import UNITS_PER_ONE, reference_accumulate, vote_accumulate, vote_top2
 from .noise import Stream, noisy_copies
-from .training import memory_format
+from .training import default_chunk, memory_format
+from .vectorized import GroupedModel
 
 MODES = ("rab", "paper")
 
@@ -97,37 +100,91 @@ class Certificates:
     extra: dict = field(default_factory=dict)
 
 
-def collect_votes(models: Iterable[nn.Module] | Iterable[tuple[int, nn.Module]], x: torch.Tensor,
-                  sigma: torch.Tensor, *, seed: int, num_classes: int, batch_size: int = 128,
-                  device: torch.device | str = "cpu", progress=None) -> Votes:
+def collect_votes(models: Iterable, x: torch.Tensor, sigma: torch.Tensor, *, seed: int, num_classes: int,
+                  batch_size: int = 128, device: torch.device | str = "cpu", progress=None) -> Votes:
     """Stream the ensemble's votes on x [B, C, H, W] with per-input noise levels sigma [B].
 
-    `models` yields modules (index = position) or (k, module) pairs; model k
-    sees x + sigma * eps(seed, TEST, k, 0). `progress`: a tqdm bar advanced by 1 per model.
+    `models` yields any mix of
+      - ``(ks, group)``: a `certssb.vectorized.GroupedModel` of len(ks) models with
+        indices ks; all of them run at once on each batch of inputs (one forward
+        of [Mc, b, C, H, W]), so each model is loaded once for all inputs;
+      - ``(k, module)`` pairs, or plain modules (index = position).
+    Model k sees x + sigma * eps(seed, TEST, k, 0): one `noisy_copies` call per
+    batch for the whole group. `batch_size`: inputs per forward pass.
+    `progress`: a tqdm bar advanced by 1 per model. Example::
+
+        votes = collect_votes(ens.iter_groups(), x, sigma, seed=0, num_classes=2)
     """
     device = torch.device(device)
     if sigma.shape != (x.shape[0],):
         raise CertssbError(f"sigma must have shape [{x.shape[0]}], got {list(sigma.shape)}")
     if x.shape[0] and (not torch.isfinite(sigma).all() or (sigma <= 0).any()):
         raise CertssbError("every sigma must be finite and > 0")
-    votes = Votes.zeros(x.shape[0], num_classes)
+    n = x.shape[0]
+    votes = Votes.zeros(n, num_classes)
     for pos, item in enumerate(models):
-        k, model = item if isinstance(item, tuple) else (pos, item)
-        model.to(memory_format=memory_format(x)).eval()
-        chunk = []
+        ks, forward = _as_group(item, pos, memory_format(x))
+        parts = _cpu_chunks(ks, forward, tuple(x.shape[1:]), batch_size, device)
         with torch.no_grad():
-            for start in range(0, x.shape[0], batch_size):
+            for start in range(0, n, batch_size):
                 xb = x[start:start + batch_size].to(device)
                 sb = sigma[start:start + batch_size].to(device=device, dtype=xb.dtype)
-                noisy = noisy_copies(xb, sb, seed=seed, stream=int(Stream.TEST), models=[k], ids=None)[0]
-                chunk.append(model(noisy.contiguous(memory_format=memory_format(noisy))).float().cpu())
-        logits = torch.cat(chunk) if chunk else torch.empty(0, num_classes)
-        if logits.shape[-1] != num_classes:
-            raise CertssbError(f"model {k} outputs {logits.shape[-1]} classes, expected {num_classes}")
-        votes.add_logits(logits.unsqueeze(0))
+                noisy = noisy_copies(xb, sb, seed=seed, stream=int(Stream.TEST), models=ks, ids=None)
+                for j0, j1, part in parts:  # [Mc, b, ...] -> logits [Mc, b, classes], chunk by chunk
+                    logits = part(noisy[j0:j1])
+                    if logits.shape[-1] != num_classes:
+                        raise CertssbError(f"model {ks[j0]} outputs {logits.shape[-1]} classes, "
+                                           f"expected {num_classes}")
+                    add_logits_rows(votes, logits.float(), start)
+        votes.models += len(ks)
         if progress is not None:
-            progress.update(1)
+            progress.update(len(ks))
     return votes
+
+
+def _cpu_chunks(ks: list[int], forward, sample_shape, batch_size: int, device: torch.device):
+    """[(j0, j1, forward)]: on a CPU a large group runs in cache-sized sub-groups, elsewhere whole."""
+    if not isinstance(forward, GroupedModel) or device.type != "cpu" or forward.models == 1:
+        return [(0, len(ks), forward)]
+    # no activations are kept for a backward pass: twice the training chunk
+    c = default_chunk(forward._template, forward.models, sample_shape, batch_size, device,
+                      budget=2 * training.CPU_CHUNK_BYTES)
+    if c >= forward.models:
+        return [(0, len(ks), forward)]
+    return [(i, i + part.models, part.eval()) for i, part in zip(range(0, len(ks), c), forward.split(c))]
+
+
+def _as_group(item, pos: int, fmt: torch.memory_format):
+    """(model indices, forward: noisy [Mc, b, ...] -> logits [Mc, b, K]) for one item of `models`."""
+    if isinstance(item, tuple) and len(item) == 2 and not isinstance(item[0], (int, torch.Tensor)):
+        ks, group = item
+        ks = [int(k) for k in ks]
+        if getattr(group, "models", len(ks)) != len(ks):
+            raise CertssbError(f"a group of {group.models} models came with {len(ks)} model indices")
+        group.eval()
+        return ks, group
+    k, model = item if isinstance(item, tuple) else (pos, item)
+    model.to(memory_format=fmt).eval()
+
+    def forward(noisy: torch.Tensor) -> torch.Tensor:
+        xb = noisy[0]
+        return model(xb.contiguous(memory_format=fmt)).unsqueeze(0)
+    return [int(k)], forward
+
+
+def add_logits_rows(votes: Votes, logits: torch.Tensor, start: int) -> None:
+    """Accumulate logits [Mc, b, C] of inputs start..start+b-1 into `votes` (the model count is left alone).
+
+    The chunk's votes are accumulated on their own (`Votes.add_logits`) and added
+    to rows start..start+b-1 of every accumulator, so the totals do not depend on
+    how the inputs are batched.
+    """
+    sub = Votes.zeros(logits.shape[1], logits.shape[2])
+    sub.add_logits(logits)
+    for f in dataclasses.fields(votes):
+        acc = getattr(votes, f.name)
+        if isinstance(acc, torch.Tensor):
+            acc[start:start + logits.shape[1]] += getattr(sub, f.name)
 
 
 def certify_votes(votes: Votes, sigma: torch.Tensor, *, bound: str = "hoeffding", alpha: float = 0.001,
@@ -204,4 +261,5 @@ def certify_models(models: Iterable[nn.Module], x: torch.Tensor, sigma: torch.Te
                          sigma_train_min=sigma_train_min)
 
 
-__all__ = ["MODES", "Votes", "Certificates", "collect_votes", "certify_votes", "certify_models"]
+__all__ = ["MODES", "Votes", "Certificates", "collect_votes", "add_logits_rows", "certify_votes",
+           "certify_models"]

@@ -73,6 +73,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, help="mini-batch size (default: the paper's per dataset)")
     g.add_argument("--lr", type=float, help="Adam learning rate (default: the paper's per dataset)")
     g.add_argument("--arch", help="model architecture (default: chosen by dataset)")
+    g.add_argument("--group-size", type=int, default=None,
+                   help="models trained at once as one vectorized group (default: as many as fit in "
+                        "free memory; recorded in the run directory and reused on resume)")
 
 
 def _add_cert_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
@@ -141,7 +144,7 @@ CONFIG_KEYS = ("dataset", "data_dir", "classes", "image_size", "max_train", "max
                "poison_rate", "target", "all_to_all", "method", "sigma0", "sigma_steps", "sigma_draws",
                "sigma_lr", "sigma_min", "sigma_max", "models", "epochs", "base_epochs", "batch_size", "lr",
                "arch", "bound", "alpha", "radii", "storage_update", "region_order", "seed", "device",
-               "backend", "out", "eval_batch_size")
+               "backend", "out", "eval_batch_size", "group_size")
 
 
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -180,9 +183,13 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return 2
     from . import pipeline
     from .report import regenerate
+    from .distributed import Dist
+    main_rank = Dist.from_env().is_main  # under torchrun only rank 0 prints results
     if args.command in ("run", "train"):
         cfg = _config_from_args(args)
         summary = pipeline.run(cfg, certify=args.command == "run", progress=not args.quiet)
+        if not main_rank:
+            return 0
         if args.command == "run":
             _print_summary(summary, cfg.out)
         else:
@@ -208,7 +215,8 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                                    "earlier run (RUN/regions-<method>-<split>.safetensors)")
             regions = RegionStore.load(args.regions)  # loaded once: the run may overwrite the file
         summary = pipeline.run(cfg, train=False, progress=not args.quiet, regions=regions)
-        _print_summary(summary, cfg.out)
+        if main_rank:
+            _print_summary(summary, cfg.out)
         return 0
     if args.command == "report":
         summary = regenerate(args.out, args.radii)

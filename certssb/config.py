@@ -77,6 +77,7 @@ class RunConfig:
     region_order: str = "index"
     eval_batch_size: int = 128  # images per forward pass (sigma search, certification); small is
                                 # faster on CPUs (cache-resident activations: 2x at 128 vs 512)
+    group_size: Optional[int] = None  # models trained at once; None: from free memory, then recorded
     seed: int = 0
     device: str = "auto"
     backend: str = "kernels"  # "kernels": native C++/CUDA ops; "reference": pure PyTorch (same results)
@@ -165,6 +166,8 @@ class RunConfig:
         positive_int("sigma_steps", self.sigma_steps, 0)
         positive_int("sigma_draws", self.sigma_draws)
         positive_int("eval_batch_size", self.eval_batch_size)
+        if self.group_size is not None:
+            positive_int("group_size", self.group_size)
         for name in ("max_train", "max_test", "image_size"):
             if getattr(self, name) is not None:
                 positive_int(name, getattr(self, name))

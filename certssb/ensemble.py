@@ -1,4 +1,4 @@
-"""The ensemble of smoothed models (DESIGN.md 1.4): train, checkpoint, resume, load.
+"""The ensemble of smoothed models (DESIGN.md 1.4 and 6): train in groups, checkpoint, resume, load.
 
 Model k trains on {(x_i + sigma_i * eps_train(k, i), y_i)}: the noise of sample
 i for model k is fixed for all epochs (RAB's semantics). Models differ only in
@@ -6,32 +6,52 @@ their noise draws and init seeds; all share the mini-batch order. RAB and
 Cert-SSB models with the same k share init seed and eps, and differ only in
 sigma, so the comparison isolates the noise levels.
 
-On disk (`<run>/models/<method>/`): one safetensors file per model and
-`manifest.json` listing the finished ones with their sha256. A rerun verifies
-each listed file and trains only what is missing or damaged.
+Training runs in groups of G consecutive models (group g: models
+[g*G, min((g+1)*G, M))), each trained at once as one
+`certssb.vectorized.GroupedModel` (`certssb.training.train_group`). G is
+`--group-size`, else chosen from free memory (`choose_group_size`) and then
+recorded: a resumed or sharded run reuses the recorded G, so the partition
+and every model's arithmetic depend only on the run config.
+
+On disk (`<run>/models/<method>/`): one safetensors file per model (loads into
+`certssb.models.build_model`), `groups/group-NNNNN.json` per finished group
+(its models' files and sha256: the group's commit record, written atomically
+after the model files) and `manifest.json` (the run's header, the group size
+and the index of finished models). A rerun verifies every listed file against
+its checksum and retrains each group with a missing, truncated or altered
+file; a killed run therefore resumes with the same command. Under torchrun
+each rank trains and writes only its own groups (`certssb.distributed.shard`).
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .distributed import Dist, shard
 from .errors import CheckpointError, CertssbError
 from .fileio import atomic_write_json, load_tensors, read_json, save_tensors
 from .models import build_model
-from .noise import Stream, normal
 from .seeding import derive_seed
-from .training import Schedule, train_classifier
+from .training import GroupNoise, Schedule, train_group
+from .vectorized import GroupedModel, activation_floats, from_states
 
-MANIFEST_FORMAT = 1
-# Above this many noise elements per model, noise is regenerated per batch instead
-# of being generated once per model (same values either way).
-NOISE_CACHE_ELEMENTS = 64 * 1024 * 1024
+MANIFEST_FORMAT = 2
+# Largest automatic group on a CPU: beyond this, larger groups only cost memory.
+CPU_GROUP_CAP = 32
+# Largest automatic group on a GPU.
+GPU_GROUP_CAP = 1024
+# Share of free memory a group may plan to use.
+MEMORY_SHARE = {"cpu": 0.5, "cuda": 0.7}
+# The fixed noisy training set of a group is drawn once and kept (CPU only) when it
+# takes at most this share of free memory; otherwise it is redrawn per batch.
+NOISE_CACHE_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -47,6 +67,7 @@ class EnsembleSpec:
     schedule: Schedule
     seed: int
     fingerprint: str  # hash of everything upstream (data, attack, sigma) that the models depend on
+    group_size: Optional[int] = None  # None: recorded in the manifest, else chosen from free memory
 
     def new_model(self, k: int) -> nn.Module:
         """Model k with its own deterministic initialisation (shared across methods)."""
@@ -65,81 +86,210 @@ def model_file(k: int) -> str:
     return f"model-{k:05d}.safetensors"
 
 
+def group_ranges(models: int, group_size: int) -> list[range]:
+    """The partition of models 0..M-1 into consecutive groups of `group_size` (the last may be smaller)."""
+    if group_size < 1:
+        raise CertssbError(f"--group-size must be >= 1, got {group_size}")
+    return [range(s, min(s + group_size, models)) for s in range(0, models, group_size)]
+
+
+# Keys of the manifest header that must match for checkpoints to be reused.
+_HEADER_KEYS = ("format", "method", "arch", "in_channels", "num_classes", "image_size", "schedule", "seed",
+                "fingerprint")
+
+
 class EnsembleDir:
-    """The folder of one method's models and its manifest."""
+    """The folder of one method's models, their group records and the manifest."""
 
     def __init__(self, path: str | Path, spec: EnsembleSpec):
         self.path = Path(path)
         self.spec = spec
         self.manifest_path = self.path / "manifest.json"
 
+    # ------------------------------------------------------------------ manifest and records
+    def _check_header(self, saved: dict, where: Path) -> None:
+        header = self.spec.manifest_header()
+        for key in _HEADER_KEYS:
+            if saved.get(key) != header[key]:
+                raise CheckpointError(
+                    f"{where} was written for a different run ({key}: {saved.get(key)!r} != "
+                    f"{header[key]!r}); use a new --out directory or delete {self.path} to retrain")
+
     def _load_manifest(self) -> dict:
         if not self.manifest_path.exists():
-            return {**self.spec.manifest_header(), "finished": {}}
+            return {**self.spec.manifest_header(), "group_size": None, "finished": {}}
         manifest = read_json(self.manifest_path)
-        header = self.spec.manifest_header()
-        for key in ("format", "method", "arch", "num_classes", "schedule", "seed", "fingerprint"):
-            if manifest.get(key) != header[key]:
-                raise CheckpointError(
-                    f"{self.manifest_path} was written for a different run ({key}: "
-                    f"{manifest.get(key)!r} != {header[key]!r}); use a new --out directory "
-                    f"or delete {self.path} to retrain")
-        manifest["models"] = header["models"]
+        self._check_header(manifest, self.manifest_path)
+        manifest["models"] = self.spec.models
+        manifest.setdefault("finished", {})
         return manifest
 
-    def finished(self, verify: bool = True) -> dict[int, str]:
-        """{k: sha256} of the models whose files exist and match their checksum."""
+    def recorded_group_size(self) -> Optional[int]:
+        """The group size this folder's models were trained with, if any were."""
+        if not self.manifest_path.exists():
+            return None
+        g = self._load_manifest().get("group_size")
+        return int(g) if g is not None else None
+
+    def _record_path(self, g: int) -> Path:
+        return self.path / "groups" / f"group-{g:05d}.json"
+
+    def _read_record(self, g: int, ks: range, group_size: int) -> Optional[dict]:
+        """Group g's record if it exists and belongs to this run and partition, else None."""
+        path = self._record_path(g)
+        if not path.exists():
+            return None
+        try:
+            rec = read_json(path)
+        except CheckpointError:
+            return None  # unreadable record: the group is retrained
+        try:
+            self._check_header(rec.get("header", {}), path)
+        except CheckpointError:
+            return None
+        if rec.get("group_size") != group_size or rec.get("models") != [ks.start, ks.stop]:
+            return None
+        return rec
+
+    def _valid_models(self, rec: Optional[dict], ks: range, verify: bool) -> dict[int, str]:
+        """{k: sha256} of the group's models whose files exist and (verify) match their checksum."""
+        if rec is None:
+            return {}
         out = {}
-        for key, entry in self._load_manifest()["finished"].items():
-            k = int(key)
-            path = self.path / model_file(k)
+        for k in ks:
+            entry = rec.get("files", {}).get(str(k))
+            if entry is None:
+                continue
             if verify:
                 try:
-                    load_tensors(path, expected_sha256=entry["sha256"])
+                    load_tensors(self.path / model_file(k), expected_sha256=entry["sha256"])
                 except CheckpointError:
-                    continue  # damaged or missing: retrain it
+                    continue  # damaged or missing: the group is retrained
+            elif not (self.path / model_file(k)).exists():
+                continue
             out[k] = entry["sha256"]
         return out
 
-    def _record(self, manifest: dict, k: int, sha: str, seconds: float) -> None:
-        manifest["finished"][str(k)] = {"file": model_file(k), "sha256": sha, "seconds": round(seconds, 3)}
-        atomic_write_json(self.manifest_path, manifest)
+    def finished(self, verify: bool = True) -> dict[int, str]:
+        """{k: sha256} of the models whose files exist and match their recorded checksum."""
+        g_size = self.recorded_group_size()
+        if g_size is None:
+            return {}
+        out: dict[int, str] = {}
+        for g, ks in enumerate(group_ranges(self.spec.models, g_size)):
+            out.update(self._valid_models(self._read_record(g, ks, g_size), ks, verify))
+        return out
+
+    def _write_manifest(self, group_size: int, extra: Optional[dict] = None) -> None:
+        """manifest.json: header, group size and the index of finished models (from the records)."""
+        finished = {}
+        for g, ks in enumerate(group_ranges(self.spec.models, group_size)):
+            rec = self._read_record(g, ks, group_size)
+            if rec is not None:
+                for k, entry in rec["files"].items():
+                    finished[k] = {**entry, "group": g}
+        atomic_write_json(self.manifest_path, {**self.spec.manifest_header(), "group_size": group_size,
+                                               **(extra or {}), "finished": finished})
+
+    # ------------------------------------------------------------------ training
+    def resolve_group_size(self, x: torch.Tensor, device: torch.device, dist: Optional[Dist] = None) -> int:
+        """The group size to train with: --group-size, else the recorded one, else from free memory.
+
+        Under torchrun rank 0 decides and every rank takes its value, so all
+        ranks use one partition. A size that differs from the one recorded in
+        this folder is refused: the models already trained would not be the
+        ones this partition gives.
+        """
+        recorded = self.recorded_group_size()
+        requested = self.spec.group_size
+        if dist is None or dist.is_main:
+            if requested is not None:
+                size = requested
+            elif recorded is not None:
+                size = recorded
+            else:
+                size = choose_group_size(self.spec, x, device)
+            size = max(1, min(int(size), self.spec.models))
+        else:
+            size = 0
+        if dist is not None:
+            size = dist.broadcast_int(size)
+        if recorded is not None and recorded != size:
+            raise CheckpointError(
+                f"{self.path} was trained with --group-size {recorded}, not {size}; rerun with "
+                f"--group-size {recorded} (or without it) to resume, or use a new --out directory")
+        return size
 
     def train(self, x: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor, *,
-              device: torch.device | str = "cpu", progress: bool = True) -> dict:
-        """Train the models not yet finished. Returns {"trained", "reused", "seconds"}."""
+              device: torch.device | str = "cpu", progress: bool = True,
+              dist: Optional[Dist] = None) -> dict:
+        """Train the groups (of this rank) not yet finished.
+
+        Returns {"trained": models (re)written, "reused": models kept, "groups_trained",
+        "group_size", "seconds"}; counts are this rank's.
+        """
         spec = self.spec
+        device = torch.device(device)
         if sigma.shape != (x.shape[0],):
             raise CertssbError(f"sigma must have shape [{x.shape[0]}], got {list(sigma.shape)}")
         self.path.mkdir(parents=True, exist_ok=True)
-        manifest = self._load_manifest()
-        done = self.finished()
-        manifest["finished"] = {str(k): manifest["finished"][str(k)] for k in done}
-        todo = [k for k in range(spec.models) if k not in done]
+        self._load_manifest()  # refuses a folder of another run
+        g_size = self.resolve_group_size(x, device, dist)
+        ranges = group_ranges(spec.models, g_size)
+        mine = shard(list(enumerate(ranges)), dist)
+        # every rank records the header and group size (its run folder may be on its own machine)
+        self._write_manifest(g_size)
+        todo, valid = [], {}
+        for g, ks in mine:
+            ok = self._valid_models(self._read_record(g, ks, g_size), ks, verify=True)
+            valid.update(ok)
+            if len(ok) < len(ks):
+                todo.append((g, ks))
+        cache = device.type == "cpu" and GroupNoise.nbytes(x, g_size) <= NOISE_CACHE_SHARE * _free_bytes(device)
         t0 = time.perf_counter()
-        bar = tqdm(total=len(todo) * spec.schedule.epochs, desc=f"train {spec.method} models",
-                   unit="epoch", disable=not progress, leave=False)
-        for k in todo:
-            t_model = time.perf_counter()
-            model = spec.new_model(k)
-            noise_fn = _fixed_noise(x, sigma, seed=spec.seed, k=k, device=device)
-            train_classifier(model, x, y, schedule=spec.schedule, seed=spec.seed,
-                             noise_fn=noise_fn, device=device, progress=bar)
-            sha = save_tensors(self.path / model_file(k), _state(model),
-                               metadata={"certssb": "model", "method": spec.method, "k": str(k)})
-            self._record(manifest, k, sha, time.perf_counter() - t_model)
+        written = 0
+        bar = tqdm(total=sum(len(ks) for _, ks in todo) * spec.schedule.epochs,
+                   desc=f"train {spec.method} models", unit="model-epoch", disable=not progress, leave=False)
+        for g, ks in todo:
+            t_group = time.perf_counter()
+            group = GroupedModel([spec.new_model(k) for k in ks])
+            train_group(group, x, y, sigma, models=ks, schedule=spec.schedule, seed=spec.seed,
+                        device=device, cache_noise=cache, progress=_Scaled(bar, len(ks)))
+            files = {}
+            for k, state in zip(ks, group.state_dicts()):
+                path = self.path / model_file(k)
+                if k in valid:  # intact: retraining gave the same weights, keep the file
+                    files[str(k)] = {"file": model_file(k), "sha256": valid[k]}
+                    continue
+                sha = save_tensors(path, state, metadata={"certssb": "model", "method": spec.method,
+                                                          "k": str(k), "group": str(g)})
+                files[str(k)] = {"file": model_file(k), "sha256": sha}
+                written += 1
+            # the commit point: written after every model file of the group
+            atomic_write_json(self._record_path(g), {
+                "header": spec.manifest_header(), "group": g, "group_size": g_size,
+                "models": [ks.start, ks.stop], "files": files,
+                "seconds": round(time.perf_counter() - t_group, 3), "device": str(device)})
+            if dist is None or not dist.enabled:
+                self._write_manifest(g_size)
         bar.close()
-        return {"trained": len(todo), "reused": len(done), "seconds": time.perf_counter() - t0}
+        if dist is not None and dist.enabled:
+            dist.barrier()
+            if dist.is_main:
+                self._write_manifest(g_size)
+        mine_models = sum(len(ks) for _, ks in mine)
+        return {"trained": written, "reused": mine_models - written, "groups_trained": len(todo),
+                "group_size": g_size, "seconds": time.perf_counter() - t0}
 
+    # ------------------------------------------------------------------ loading
     def load(self, k: int, sha256: str | None = None, device: torch.device | str = "cpu") -> nn.Module:
-        """Model k in eval mode, verified against its recorded checksum."""
+        """Model k (a plain `build_model` module) in eval mode, verified against its recorded checksum."""
         if sha256 is None:
-            entry = self._load_manifest()["finished"].get(str(k))
-            if entry is None:
+            sha256 = self.finished(verify=False).get(k)
+            if sha256 is None:
                 raise CheckpointError(f"model {k} of {self.spec.method} is not finished in {self.path}; "
                                       f"run `certssb train` (or `run`) first")
-            sha256 = entry["sha256"]
-        state = load_tensors(self.path / model_file(k), expected_sha256=sha256)
+        state = self._load_state(k, sha256)
         model = self.spec.new_model(k)
         try:
             model.load_state_dict(state)
@@ -148,34 +298,100 @@ class EnsembleDir:
                                   f"architecture: {e}") from None
         return model.to(device).eval()
 
+    def _load_state(self, k: int, sha256: str) -> dict[str, torch.Tensor]:
+        return load_tensors(self.path / model_file(k), expected_sha256=sha256)
+
     def iter_models(self, device: torch.device | str = "cpu") -> Iterator[tuple[int, nn.Module]]:
-        """All M models in index order; fails if any is missing."""
-        done = self.finished(verify=False)
-        missing = [k for k in range(self.spec.models) if k not in done]
-        if missing:
-            raise CheckpointError(f"{len(missing)} of {self.spec.models} {self.spec.method} models are "
-                                  f"missing in {self.path} (first: {missing[0]}); rerun training")
+        """All M models in index order, one at a time; fails if any is missing."""
+        done = self._require_all()
         for k in range(self.spec.models):
             yield k, self.load(k, done[k], device=device)
 
+    def _require_all(self, ks: Optional[Sequence[int]] = None) -> dict[int, str]:
+        done = self.finished(verify=False)
+        wanted = range(self.spec.models) if ks is None else ks
+        missing = [k for k in wanted if k not in done]
+        if missing:
+            raise CheckpointError(f"{len(missing)} of {self.spec.models} {self.spec.method} models are "
+                                  f"missing in {self.path} (first: {missing[0]}); rerun training")
+        return done
 
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    def group_ranges(self) -> list[range]:
+        """The recorded partition into groups (for certification and sharding)."""
+        g_size = self.recorded_group_size()
+        if g_size is None:
+            raise CheckpointError(f"{self.path} has no trained {self.spec.method} models; run "
+                                  f"`certssb train` (or `run`) first")
+        return group_ranges(self.spec.models, g_size)
+
+    def iter_groups(self, device: torch.device | str = "cpu",
+                    dist: Optional[Dist] = None) -> Iterator[tuple[list[int], GroupedModel]]:
+        """(model indices, GroupedModel in eval mode on `device`) for each group (of this rank).
+
+        Every model file is read once and verified against its checksum.
+        """
+        ranges = shard(self.group_ranges(), dist)
+        done = self._require_all([k for ks in ranges for k in ks])
+        spec = self.spec
+        for ks in ranges:
+            states = [self._load_state(k, done[k]) for k in ks]
+            try:
+                group = from_states(spec.arch, spec.in_channels, spec.num_classes, spec.image_size, states)
+            except RuntimeError as e:
+                raise CheckpointError(f"a model file in {self.path} does not fit the {spec.arch} "
+                                      f"architecture: {e}") from None
+            yield list(ks), group.to(device=device, memory_format=torch.channels_last).eval()
 
 
-def _fixed_noise(x: torch.Tensor, sigma: torch.Tensor, *, seed: int, k: int, device):
-    """noise_fn for model k: x_i + sigma_i * eps(TRAIN, k, i), the same every epoch."""
-    n = x.shape[0]
-    d = x[0].numel()
-    shape = x.shape[1:]
-    sigma_dev = sigma.to(device)
-    if n * d <= NOISE_CACHE_ELEMENTS:
-        eps = normal(seed, int(Stream.TRAIN), k, torch.arange(n), d, device=device)  # [N, D]
+class _Scaled:
+    """A tqdm-like counter that advances `bar` by `n` per update (a group epoch = n model-epochs)."""
 
-        def fn(xb, idx, epoch):
-            return xb + sigma_dev[idx].view(-1, *[1] * len(shape)) * eps[idx].view(-1, *shape)
-    else:
-        def fn(xb, idx, epoch):
-            e = normal(seed, int(Stream.TRAIN), k, idx, d, device=device)
-            return xb + sigma_dev[idx].view(-1, *[1] * len(shape)) * e.view(-1, *shape)
-    return fn
+    def __init__(self, bar, n: int):
+        self.bar, self.n = bar, n
+
+    def update(self, k: int = 1) -> None:
+        self.bar.update(k * self.n)
+
+
+def _free_bytes(device: torch.device) -> int:
+    """Free memory of the device: CUDA's mem_get_info, else MemAvailable of /proc/meminfo."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def model_memory(spec: EnsembleSpec, sample_shape: Sequence[int], batch_size: int) -> int:
+    """Estimated bytes one model of a group needs in training (float32).
+
+    Parameters, gradients and Adam's two moments (4 x params), the activations
+    of a mini-batch measured by one forward pass (x3: saved for backward, their
+    gradients, workspace) and the noisy inputs.
+    """
+    model = build_model(spec.arch, spec.in_channels, spec.num_classes, spec.image_size)
+    params = sum(p.numel() for p in model.parameters())
+    per_sample = activation_floats(model, sample_shape)
+    d = int(torch.tensor(list(sample_shape)).prod())
+    return 4 * (4 * params + batch_size * (3 * per_sample + 2 * d))
+
+
+def choose_group_size(spec: EnsembleSpec, x: torch.Tensor, device: torch.device) -> int:
+    """The largest group that fits MEMORY_SHARE of the device's free memory, capped (CPU 32, GPU 1024)."""
+    device = torch.device(device)
+    per_model = model_memory(spec, tuple(x.shape[1:]), spec.schedule.batch_size)
+    budget = MEMORY_SHARE.get(device.type, 0.5) * _free_bytes(device)
+    cap = GPU_GROUP_CAP if device.type == "cuda" else CPU_GROUP_CAP
+    return int(max(1, min(cap, spec.models, budget // max(per_model, 1))))
+
+
+__all__ = ["EnsembleSpec", "EnsembleDir", "model_file", "group_ranges", "choose_group_size", "model_memory"]

@@ -12,7 +12,7 @@ import json
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -24,6 +24,7 @@ from .bounds import certified_radius, pa_lower, poison_budget
 from .certify import Votes, certify_votes, collect_votes
 from .config import RunConfig, resolve_device
 from .data import load_task
+from .distributed import Dist, all_reduce_votes
 from .ensemble import EnsembleDir, EnsembleSpec
 from .errors import CertssbError
 from .fileio import atomic_write_json, atomic_write_text, load_tensors, read_json, save_tensors
@@ -71,6 +72,7 @@ class Prepared:
     schedule: Schedule
     data_fp: str
     device: torch.device
+    dist: Dist = field(default_factory=Dist)  # this process's rank under torchrun
 
 
 def prepare(cfg: RunConfig, log: Callable[[str], None]) -> Prepared:
@@ -205,7 +207,7 @@ def _ensemble(p: Prepared, out: Path, method: str, sigma_train: torch.Tensor) ->
     fp = _hash("ensemble", p.data_fp, method, sigma_train)
     spec = EnsembleSpec(method=method, arch=p.arch, in_channels=c, num_classes=p.task.num_classes,
                         image_size=(h, w), models=p.cfg.models, schedule=p.schedule, seed=p.cfg.seed,
-                        fingerprint=fp)
+                        fingerprint=fp, group_size=p.cfg.group_size)
     return EnsembleDir(out / "models" / method, spec)
 
 
@@ -245,10 +247,13 @@ def stage_certify(p: Prepared, out: Path, method: str, ens: EnsembleDir, sigma: 
     sigma_all = torch.cat([sigma[name] for name in splits])
     with tqdm(total=cfg.models, desc=f"certify {method}", unit="model", disable=not progress,
               leave=False) as bar:
-        votes = collect_votes(ens.iter_models(device=p.device), x_all, sigma_all, seed=cfg.seed,
+        votes = collect_votes(ens.iter_groups(device=p.device, dist=p.dist), x_all, sigma_all, seed=cfg.seed,
                               num_classes=p.task.num_classes, batch_size=cfg.eval_batch_size,
                               device=p.device, progress=bar)
+    all_reduce_votes(votes, p.dist)  # each rank voted with its own groups
     t_votes = time.perf_counter() - t0
+    if not p.dist.is_main:
+        return {}
     mode = "rab" if method == "rab" else "paper"
     norm = cfg.delta if cfg.trigger in ADDITIVE_TRIGGERS else p.poisoned.trigger_l2["max"]
     result = {"clean": {}, "triggered": {}, "variants": {"no_update": {}, "storage_update": {}},
@@ -310,19 +315,26 @@ def run(config: RunConfig | dict, *, train: bool = True, certify: bool = True, p
     """
     cfg = RunConfig.from_dict(config) if isinstance(config, dict) else config
     cfg = cfg.resolve()
+    dist = Dist.from_env()  # under torchrun: rank 0 writes the results, every rank trains and votes
+    if not dist.is_main:
+        log, progress = (lambda s: None), False
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     with using_backend(cfg.backend):  # every noise draw, vote and radius of this run
-        return _run(cfg, train=train, certify=certify, progress=progress, log=log)
+        return _run(cfg, dist, train=train, certify=certify, progress=progress, log=log, regions=regions)
 
 
-def _run(cfg: RunConfig, *, train: bool, certify: bool, progress: bool, log: Callable[[str], None]) -> dict:
+def _run(cfg: RunConfig, dist: Dist, *, train: bool, certify: bool, progress: bool,
+         log: Callable[[str], None], regions: Optional[RegionStore]) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    atomic_write_json(out / "config.json", {
-        "format": RUN_FORMAT, "certssb": _version(), "torch": torch.__version__,
-        "python": platform.python_version(), "config": cfg.to_dict()})
+    if dist.is_main:
+        atomic_write_json(out / "config.json", {
+            "format": RUN_FORMAT, "certssb": _version(), "torch": torch.__version__,
+            "python": platform.python_version(), "config": cfg.to_dict()})
     p = prepare(cfg, log)
+    p.device = dist.device(p.device)
+    p.dist = dist.init(p.device)
     summary: dict = {
         "config": cfg.to_dict(),
         "versions": {"certssb": _version(), "torch": torch.__version__, "python": platform.python_version()},
@@ -337,16 +349,18 @@ def _run(cfg: RunConfig, *, train: bool, certify: bool, progress: bool, log: Cal
                    "target_label": p.target_label, "all_to_all": cfg.all_to_all,
                    "trigger_params": p.trigger.describe()},
         "arch": p.arch,
-        "no_defense": stage_no_defense(p, out, progress, log) if train else _saved_no_defense(out),
+        "no_defense": None if not dist.is_main else (
+            stage_no_defense(p, out, progress, log) if train else _saved_no_defense(out)),
         "methods": {},
     }
     sigma = None
     sigma_seconds = 0.0
     if "cert-ssb" in cfg.methods:
-        if train:
+        if train and dist.is_main:
             sigma, sigma_seconds = stage_sigma(p, out, progress, log)
-        else:
+        elif dist.is_main:
             sigma = load_tensors(out / "sigma.safetensors")
+        sigma = dist.broadcast_tensors(sigma, ("train", "clean", "triggered"))  # rank 0's, everywhere
     n_train = p.poisoned.x.shape[0]
     for method in cfg.methods:
         if method == "rab":
@@ -358,7 +372,8 @@ def _run(cfg: RunConfig, *, train: bool, certify: bool, progress: bool, log: Cal
         ens = _ensemble(p, out, method, sig["train"])
         t0 = time.perf_counter()
         if train:
-            stats = ens.train(p.poisoned.x, p.poisoned.y, sig["train"], device=p.device, progress=progress)
+            stats = ens.train(p.poisoned.x, p.poisoned.y, sig["train"], device=p.device, progress=progress,
+                              dist=p.dist)
             log(f"{method}: {stats['trained']} models trained, {stats['reused']} reused "
                 f"({stats['seconds']:.1f} s)")
         t_train = time.perf_counter() - t0
@@ -367,6 +382,8 @@ def _run(cfg: RunConfig, *, train: bool, certify: bool, progress: bool, log: Cal
                                           "seconds": {"train": round(t_train, 3)}}
             continue
         res = stage_certify(p, out, method, ens, sig, float(sig["train"].min()), progress, log, regions=regions)
+        if not dist.is_main:
+            continue
         m = {"models": cfg.models, "bound": cfg.bound, "alpha": cfg.alpha,
              "mode": "rab" if method == "rab" else "paper",
              "ceiling": radius_ceiling(cfg.bound, cfg.models, cfg.alpha, p.task.num_classes,
@@ -380,7 +397,8 @@ def _run(cfg: RunConfig, *, train: bool, certify: bool, progress: bool, log: Cal
         log(f"{method}: clean accuracy {c['accuracy']:.3f} (abstain {c['abstain_rate']:.3f}), "
             f"triggered robust accuracy {t['robust_accuracy']:.3f}, attack success {t['attack_success_rate']:.3f}")
     summary["seconds"] = round(time.perf_counter() - t_start, 3)
-    if not certify:
+    dist.close()
+    if not certify or not dist.is_main:
         return summary
     atomic_write_json(out / "summary.json", summary)
     plot_certified_accuracy(summary, out / "certified_accuracy.png")

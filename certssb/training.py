@@ -1,20 +1,30 @@
-"""Training one classifier on (optionally noisy) data: the loop every stage shares.
+"""Training loops: one classifier (`train_classifier`) or a group of Mc models at once (`train_group`).
 
-Used for the no-defense baseline (no noise), the base model of the sigma
-optimization (fresh BASE-stream noise each epoch) and each smoothed model of
-the ensemble (TRAIN-stream noise fixed per (model, sample) for all epochs).
-The noise is a callable so that this loop never needs to know the method.
+`train_classifier` trains one model: the no-defense baseline (no noise), the
+base model of the sigma optimization (fresh BASE-stream noise each epoch) and,
+as the plain reference, one smoothed model of the ensemble (`fixed_noise_fn`).
+`train_group` trains Mc smoothed models of the ensemble at once as a
+`certssb.vectorized.GroupedModel`: model k on x_i + sigma_i * eps(TRAIN, k, i),
+the noise fixed per (model, sample) for all epochs, every model on the same
+mini-batch order (`batch_order`), one Adam over the stacked parameters with the
+loss summed over models (= Mc independent Adams). Given the same seeds both
+give the same models up to float rounding.
 """
 from __future__ import annotations
 
+import copy
+import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import CertssbError
+from .noise import Stream, noisy_copies
 from .seeding import generator
+from .vectorized import GroupedModel, activation_floats
 
 # noise_fn(x_batch, idx_batch, epoch) -> noisy batch, same shape as x_batch.
 NoiseFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -84,3 +94,169 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 128,
         xb = x[start:start + batch_size].to(device).contiguous(memory_format=fmt)
         out.append(model(xb).argmax(1).cpu())
     return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------
+# the smoothed models of the ensemble
+
+
+def fixed_noise_fn(x: torch.Tensor, sigma: torch.Tensor, *, seed: int, k: int,
+                   device: torch.device | str = "cpu") -> NoiseFn:
+    """noise_fn of the plain loop for model k: x_i + sigma_i * eps(seed, TRAIN, k, i), the same every epoch.
+
+    The reference for `train_group`: `train_classifier(model_k, x, y, seed=seed,
+    noise_fn=fixed_noise_fn(x, sigma, seed=seed, k=k))` trains the same model as
+    slot k of a group, up to float rounding.
+    """
+    sigma_dev = sigma.to(device)
+
+    def fn(xb: torch.Tensor, idx: torch.Tensor, epoch: int) -> torch.Tensor:
+        return noisy_copies(xb, sigma_dev[idx].to(xb.dtype), seed=seed, stream=int(Stream.TRAIN),
+                            models=[k], ids=idx)[0]
+    return fn
+
+
+class GroupNoise:
+    """The fixed noisy training inputs of a group of models, in the grouped layout.
+
+    `batch(idx)` -> [b, Mc*C, H, W] (channels_last): model slot j sees
+    x_i + sigma_i * eps(seed, TRAIN, models[j], i) for i in idx. The draws come
+    from `certssb.noise.noisy_copies`, one call for the group's consecutive model
+    indices. With `cache=True` the whole noisy training set of the group
+    ([N, Mc*C, H, W], 4 * N * Mc * D bytes) is drawn once, in chunks of samples,
+    and batches are gathered from it (the draws are elementwise, so the values
+    are the same either way); otherwise each batch is drawn when needed.
+    """
+
+    def __init__(self, x: torch.Tensor, sigma: torch.Tensor, *, seed: int, models: Sequence[int],
+                 device: torch.device, cache: bool, chunk: int = 256) -> None:
+        self.x, self.sigma, self.seed = x, sigma.to(torch.float32), seed
+        self.models = list(models)
+        self.device = device
+        self.cache: Optional[torch.Tensor] = None
+        if cache:
+            n = x.shape[0]
+            mc = len(self.models)
+            c, rest = x.shape[1], tuple(x.shape[2:])
+            # stored as [N, H, W, Mc*C]: a gathered batch is a channels_last [b, Mc*C, H, W] view
+            store = torch.empty((n, *rest, mc * c), dtype=x.dtype, device=device)
+            for start in range(0, n, chunk):
+                idx = torch.arange(start, min(start + chunk, n))
+                store[start:start + len(idx)] = self._draw(idx).movedim(1, -1)
+            self.cache = store
+
+    def _draw(self, idx: torch.Tensor) -> torch.Tensor:
+        """[b, Mc*C, H, W] noisy inputs for training samples idx (CPU int64)."""
+        xb = self.x[idx].to(self.device, non_blocking=True)
+        sb = self.sigma[idx].to(self.device, non_blocking=True)
+        noisy = noisy_copies(xb, sb, seed=self.seed, stream=int(Stream.TRAIN), models=self.models,
+                             ids=idx.to(self.device))  # [Mc, b, C, H, W]
+        b = xb.shape[0]
+        return noisy.transpose(0, 1).reshape(b, len(self.models) * xb.shape[1], *xb.shape[2:])
+
+    def batch(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.cache is not None:
+            return self.cache[idx.to(self.device)].movedim(-1, 1)
+        out = self._draw(idx)
+        return out.contiguous(memory_format=torch.channels_last) if out.dim() == 4 else out
+
+    @staticmethod
+    def nbytes(x: torch.Tensor, models: int) -> int:
+        """Bytes of the cache of a group of `models` models on training set x."""
+        return int(x.numel()) * models * x.element_size()
+
+
+# CPU: the models of a group run forward and backward in chunks whose activations take about
+# this many bytes, so they stay in the caches (one Adam step for the whole group still).
+CPU_CHUNK_BYTES = 32 << 20
+
+
+def default_chunk(model: nn.Module, models: int, sample_shape: Sequence[int], batch_size: int,
+                  device: torch.device | str, budget: Optional[int] = None) -> int:
+    """Models per forward(/backward) pass: all `models` on a GPU; on a CPU as many as fit `budget` bytes.
+
+    model: one plain model of the architecture (only its activation sizes are
+    used). Depends only on the architecture, the input shape, the batch size
+    and the device type, so a resumed or sharded run computes exactly the same way.
+    """
+    if torch.device(device).type != "cpu":
+        return models
+    budget = CPU_CHUNK_BYTES if budget is None else budget
+    per_model = 4 * batch_size * activation_floats(copy.deepcopy(model), sample_shape)
+    return int(max(1, min(models, budget // max(per_model, 1))))
+
+
+def train_group(group: GroupedModel, x: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor, *,
+                models: Sequence[int], schedule: Schedule, seed: int, device: torch.device | str = "cpu",
+                cache_noise: bool = False, chunk: Optional[int] = None, noise: Optional[GroupNoise] = None,
+                progress=None) -> GroupedModel:
+    """Train the Mc models of `group` at once, in place; returns the group in eval mode.
+
+    x: [N, C, H, W] float32 (CPU), y: [N] int64, sigma: [N] per-sample noise
+    levels; models: the Mc model indices k (the TRAIN stream's `a` word) of the
+    group's slots, consecutive. Every model sees the mini-batches of
+    `batch_order(seed, epoch, N)`; the loss is sum over models of each model's
+    mean cross-entropy, so each model gets exactly its own gradient, and one
+    Adam steps all of them. Each step draws the noisy batch of the whole group
+    at once (`GroupNoise`); forward and backward run in chunks of `chunk`
+    models (default `default_chunk`: the whole group on a GPU, cache-sized on a
+    CPU), which changes nothing but speed. `noise`: the group's `GroupNoise` if
+    already drawn (else drawn here, kept when `cache_noise`). `progress`: an
+    optional tqdm bar advanced by one per epoch. Example::
+
+        g = GroupedModel([spec.new_model(k) for k in range(8, 16)])
+        train_group(g, x, y, sigma, models=range(8, 16), schedule=Schedule(20, 128, 1e-3), seed=0)
+    """
+    device = torch.device(device)
+    models = list(models)
+    mc = group.models
+    if len(models) != mc:
+        raise CertssbError(f"{len(models)} model indices for a group of {mc} models")
+    if y.shape != (x.shape[0],) or sigma.shape != (x.shape[0],):
+        raise CertssbError(f"x [N, ...], y [N] and sigma [N] must agree in N, got {list(x.shape)}, "
+                           f"{list(y.shape)}, {list(sigma.shape)}")
+    if chunk is None:
+        chunk = default_chunk(group._template, mc, tuple(x.shape[1:]), schedule.batch_size, device)
+    parts = group.split(chunk) if chunk < mc else [group]
+    bounds = []
+    for part in parts:
+        start = bounds[-1][1] if bounds else 0
+        bounds.append((start, start + part.models))
+        part.to(device=device, memory_format=torch.channels_last).train()
+    opt = torch.optim.Adam([p for part in parts for p in part.parameters()], lr=schedule.lr,
+                           **_adam_options(device))
+    if noise is None:
+        noise = GroupNoise(x, sigma, seed=seed, models=models, device=device, cache=cache_noise)
+    elif noise.models != models:
+        raise CertssbError(f"the noise was drawn for models {noise.models[:3]}..., not {models[:3]}...")
+    c = x.shape[1]
+    n = x.shape[0]
+    y_dev = y.to(device)
+    for epoch in range(schedule.epochs):
+        order = batch_order(seed, epoch, n)
+        for start in range(0, n, schedule.batch_size):
+            idx = order[start:start + schedule.batch_size]
+            b = len(idx)
+            xb = noise.batch(idx)  # [b, Mc*C, H, W]: one draw for the whole group
+            yb = y_dev[idx.to(device)]
+            opt.zero_grad(set_to_none=True)
+            for part, (m0, m1) in zip(parts, bounds):
+                xp = xb if len(parts) == 1 else xb[:, m0 * c:m1 * c].contiguous(memory_format=torch.channels_last)
+                logits = part.forward_grouped(xp)  # [mc, b, K]
+                # sum over models of each model's mean loss: model m's gradient is its own
+                loss = F.cross_entropy(logits.reshape(part.models * b, -1), yb.repeat(part.models),
+                                       reduction="sum") / b
+                loss.backward()
+            opt.step()
+        if progress is not None:
+            progress.update(1)
+    if len(parts) > 1:
+        group.load_states([st for part in parts for st in part.state_dicts()])
+    return group.to(device).eval()
+
+
+def _adam_options(device: torch.device) -> dict:
+    """Fused Adam where torch has it for the device: one kernel for all stacked parameters."""
+    if os.environ.get("CERTSSB_ADAM_FUSED", "1") == "0":
+        return {}
+    return {"fused": True} if device.type in ("cpu", "cuda") else {}
