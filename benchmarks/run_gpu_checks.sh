@@ -3,8 +3,10 @@
 # needs_cuda test, run each benchmark on the GPU, and leave logs and JSON in OUTDIR.
 # Usage (repository root, on a machine with a GPU and nvcc):
 #   bash benchmarks/run_gpu_checks.sh OUTDIR [kernels] [regions] [training]
-# With no benchmark names, all three run. Wheels in .whl/ (e.g. faiss-cpu for a
-# machine without network) are installed to /tmp/site first.
+# With no benchmark names, all three run; KERNELS_ARGS, REGIONS_ARGS, TRAINING_ARGS
+# add options to a benchmark (e.g. TRAINING_ARGS="--synthetic" where the datasets are
+# absent). Wheels in .whl/ (e.g. faiss-cpu for a machine without network) are
+# installed to /tmp/site first.
 set -uo pipefail
 out=${1:-gpu-results}
 shift || true
@@ -33,8 +35,10 @@ echo "needs_cuda tests (rc $?): $(tail -n 1 "$out/pytest-cuda.log")"
 grep -E "^(FAILED|ERROR)" "$out/pytest-cuda.log" | head -n 20
 for b in "${benches[@]}"; do
   t0=$(date +%s)
+  extra_var="${b^^}_ARGS"
+  # shellcheck disable=SC2086  # the extra options are meant to split
   timeout "${BENCH_TIMEOUT:-150}" python "benchmarks/bench_$b.py" --device cuda --json "$out/$b-cuda.json" \
-    >"$out/bench-$b.log" 2>&1
+    ${!extra_var:-} >"$out/bench-$b.log" 2>&1
   echo "bench_$b (rc $?, $(( $(date +%s) - t0 )) s):"
   tail -n 16 "$out/bench-$b.log"
 done

@@ -198,13 +198,17 @@ def _soft(v: Votes) -> torch.Tensor:
 
 @pytest.mark.needs_cuda
 @pytest.mark.parametrize("arch,shape", ARCH_SHAPES)
-def test_group_on_cuda_matches_plain_models_on_cpu(arch, shape):
+def test_group_on_cuda_matches_plain_models_on_cpu(arch, shape, monkeypatch):
+    # Compare the arithmetic, not TF32 rounding: with TF32 convolutions the deep ResNets
+    # drift past 1e-3 on an H100 (seen there), which says nothing about the grouping.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     plain = _models(arch, shape, 3)
     group = GroupedModel(plain).cuda()
     x = torch.rand(3, 6, *shape)
     out = group(x.cuda()).cpu()
     ref = torch.stack([m(x[i]) for i, m in enumerate(plain)])
-    assert torch.allclose(out, ref, atol=1e-3, rtol=1e-3)  # TF32 convolutions on recent GPUs
+    assert torch.allclose(out, ref, atol=1e-3, rtol=1e-3)
     group.eval()
     for m in plain:
         m.eval()
