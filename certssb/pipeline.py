@@ -212,10 +212,16 @@ def _ensemble(p: Prepared, out: Path, method: str, sigma_train: torch.Tensor) ->
 
 
 def _storage_update(x: torch.Tensor, rows: dict, order: torch.Tensor, path: Path,
-                    regions: Optional[RegionStore] = None, progress: bool = False) -> tuple[list[str], dict]:
+                    regions: Optional[RegionStore] = None, progress: bool = False,
+                    device: Optional[torch.device] = None) -> tuple[list[str], dict]:
     """Storage update of one split in the recorded order, continuing a copy of `regions` if given
-    (the continued store goes to path); query_order becomes the store's query number."""
-    store = RegionStore(dim=x[0].numel()) if regions is None else regions.copy()
+    (the continued store goes to path); query_order becomes the store's query number. The
+    search runs on the run's GPU if it has one (same decisions on every backend)."""
+    dev = device if device is not None and device.type == "cuda" else torch.device("cpu")
+    if regions is None:
+        store = RegionStore(dim=x[0].numel(), device=dev)
+    else:
+        store = regions.copy(backend="auto", device=dev)
     if store.dim is not None and store.dim != x[0].numel():
         raise CertssbError(f"--regions {(regions.source or {}).get('path', '')} holds inputs with {store.dim} "
                            f"features but this run's have {x[0].numel()}; pass a store written for the same "
@@ -278,7 +284,7 @@ def stage_certify(p: Prepared, out: Path, method: str, ens: EnsembleDir, sigma: 
             rows["target"] = yt
         t1 = time.perf_counter()
         kinds, counts = _storage_update(xs, rows, order, out / f"regions-{method}-{split}.safetensors",
-                                        regions, progress)
+                                        regions, progress, torch.device(p.device))
         t_update += time.perf_counter() - t1
         applied = result["storage_update"]["applied"]
         # The CSV always holds both: predict/radius after the storage update, *_raw before it;

@@ -178,9 +178,10 @@ class RegionStore:
     Args:
         dim: number of features D of a flattened input; None: taken from the first input.
         backend: the candidate search (certssb.region_index): "auto" (faiss on the CPU when
-            installed, the GPU backend for a CUDA device), "reference" (brute force), "faiss",
-            "torch-gpu" (chunked float64 search in PyTorch on `device`; runs on CPU too),
-            "faiss-gpu" (FAISS with GPU support only). Every backend takes the same decisions.
+            installed, else torch-gpu's search on the CPU; the GPU backend for a CUDA device),
+            "reference" (brute force), "faiss", "torch-gpu" (chunked float64 search in PyTorch
+            on `device`; runs on the CPU too), "faiss-gpu" (FAISS with GPU support only). Every
+            backend takes the same decisions.
         device: where the search runs. The store itself (and every exact decision) stays on
             the CPU.
 
@@ -523,7 +524,8 @@ class RegionStore:
         lab = torch.as_tensor(labels).reshape(-1)
         rad = torch.as_tensor(radii).reshape(-1).to(torch.float64)
         if lab.numel() != n or rad.numel() != n:
-            raise CertssbError(f"labels and radii need one entry per input (N={n}); got {lab.numel()} and {rad.numel()}")
+            raise CertssbError(f"labels and radii need one entry per input (N={n}); got {lab.numel()} and "
+                               f"{rad.numel()}")
         if lab.is_floating_point() or lab.dtype == torch.bool or bool((lab < 0).any()):
             raise CertssbError("labels must be integer class indices >= 0")
         if not bool((torch.isfinite(rad) & (rad >= 0)).all()):

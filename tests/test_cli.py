@@ -50,7 +50,8 @@ def test_certify_continues_a_region_store(run_dir, tmp_path, capsys):
     # a memory of earlier queries on 8x8 digits: 5 stored balls and 2 abstentions
     g = torch.Generator().manual_seed(0)
     before = RegionStore()
-    before.certify_stream(torch.rand(7, 1, 8, 8, generator=g), torch.tensor([0, 1, 2, 0, 1, 2, 0]), torch.full((7,), 0.5),
+    before.certify_stream(torch.rand(7, 1, 8, 8, generator=g), torch.tensor([0, 1, 2, 0, 1, 2, 0]),
+                          torch.full((7,), 0.5),
                           torch.tensor([False, True, False, False, True, False, False]))
     memory = run / "regions-cert-ssb-clean.safetensors"  # continued AND rewritten by this call
     before.save(memory)

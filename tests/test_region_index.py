@@ -199,7 +199,8 @@ def test_huge_vectors_and_loose_bounds_switch_faiss_to_float64(monkeypatch):
 
 def test_reference_index_checks_everything():
     q = torch.zeros(3, 2)
-    assert ReferenceIndex().search(q, np.zeros(3), np.zeros(3, np.int64), np.zeros(3), arrays(q, [0] * 3, [0] * 3)) is None
+    db = arrays(q, [0] * 3, [0] * 3)
+    assert ReferenceIndex().search(q, np.zeros(3), np.zeros(3, np.int64), np.zeros(3), db) is None
     assert ReferenceIndex().search_block(q, np.zeros(3), np.zeros(3), 1.0) is None
 
 
@@ -226,7 +227,7 @@ def test_dense_mirror_follows_the_store():
 
 # ----------------------------------------------------------------------------- backend choice
 def test_auto_backend_and_errors(monkeypatch):
-    auto = "faiss" if HAS_FAISS else "reference"
+    auto = "faiss" if HAS_FAISS else "torch-gpu"
     assert resolve_backend("auto", "cpu") == auto
     assert make_index("auto").name == auto and RegionStore().backend == auto
     assert resolve_backend("torch-gpu", "cpu") == "torch-gpu"
@@ -237,7 +238,7 @@ def test_auto_backend_and_errors(monkeypatch):
     with pytest.raises(CertssbError, match="'faiss-gpu' needs device='cuda'"):
         resolve_backend("faiss-gpu", "cpu")
     monkeypatch.setattr(ri, "faiss_available", lambda: False)
-    assert resolve_backend("auto", "cpu") == "reference"
+    assert resolve_backend("auto", "cpu") == "torch-gpu"  # the float64 search, on the CPU
     with pytest.raises(CertssbError, match="pip install faiss-cpu"):
         RegionStore(backend="faiss")
 
@@ -263,7 +264,7 @@ def test_faiss_here_has_no_gpu_support_or_sees_no_gpu():
     # the faiss-gpu backend is guarded: with faiss-cpu it is never chosen
     if ri.faiss_gpu_available():
         pytest.skip("this faiss has GPU support")
-    assert resolve_backend("auto", "cpu") == ("faiss" if HAS_FAISS else "reference")
+    assert resolve_backend("auto", "cpu") == ("faiss" if HAS_FAISS else "torch-gpu")
 
 
 @pytest.mark.needs_cuda

@@ -478,7 +478,7 @@ def test_decide_batch_equals_decide_and_stores_nothing(backend):
 def test_set_backend_keeps_the_decisions():
     xs, labels, radii, abstain = random_stream(14, 10, 200)
     a, b = RegionStore(backend="reference"), RegionStore()
-    assert b.backend == ("faiss" if HAS_FAISS else "reference") and b.device == torch.device("cpu")
+    assert b.backend == ("faiss" if HAS_FAISS else "torch-gpu") and b.device == torch.device("cpu")
     for s in (a, b):
         s.certify_stream(*stream_args(xs[:100], labels[:100], radii[:100], abstain[:100]))
     b.set_backend("torch-gpu", device="cpu")
@@ -570,7 +570,8 @@ def test_version_1_files_still_load(tmp_path):
 
 
 def _write(path, centres, labels, radii, meta=None, raw_meta=None, queries=None):
-    m = {"format": "certssb.regions", "version": FORMAT_VERSION, "dim": centres.shape[1] if centres.dim() == 2 else None,
+    m = {"format": "certssb.regions", "version": FORMAT_VERSION,
+         "dim": centres.shape[1] if centres.dim() == 2 else None,
          "n": labels.shape[0], "counts": {k: 0 for k in UPDATE_KINDS}}
     if meta:
         m.update(meta)
