@@ -254,7 +254,8 @@ def main(argv=None) -> dict:
 
     data = {"device": _device_name(device), "device_type": device.type, "torch": torch.__version__,
             "build": _build_info(), "results": results,
-            "settings": {"dataset": dataset + (" (synthetic)" if args.synthetic else ""), "classes": classes, "arch": arch, "n_train": int(x.shape[0]),
+            "settings": {"dataset": dataset + (" (synthetic)" if args.synthetic else ""), "classes": classes,
+                         "arch": arch, "n_train": int(x.shape[0]),
                          "n_test": int(xt.shape[0]), "epochs": epochs, "batch_size": batch, "lr": schedule.lr,
                          "group_size": mc, "chunk": chunk, "serial_models": serial_models,
                          "repeats": repeats, "noise_cache": cache, "noise_draw_s": noise_s,

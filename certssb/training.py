@@ -13,7 +13,6 @@ give the same models up to float rounding.
 from __future__ import annotations
 
 import copy
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -173,8 +172,8 @@ class GroupNoise:
         return int(x.numel()) * models * x.element_size()
 
 
-# CPU: the models of a group run forward and backward in chunks whose activations take about
-# this many bytes, so they stay in the caches (one Adam step for the whole group still).
+# CPU: the models of a group run forward, backward and Adam in chunks whose activations take
+# about this many bytes, so that the chunks running at once (one per core) stay in the caches.
 CPU_CHUNK_BYTES = 16 << 20
 
 
@@ -311,6 +310,4 @@ def train_group(group: GroupedModel, x: torch.Tensor, y: torch.Tensor, sigma: to
 
 def _adam_options(device: torch.device) -> dict:
     """Fused Adam where torch has it for the device: one kernel for all stacked parameters."""
-    if os.environ.get("CERTSSB_ADAM_FUSED", "1") == "0":
-        return {}
     return {"fused": True} if device.type in ("cpu", "cuda") else {}
