@@ -68,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="training samples (default: 2000 on CPU, all on GPU; 0 = all)")
     p.add_argument("--max-test", type=int, default=None, help="certified inputs (default 1000; 0 = all)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per path (median; default 3, GPU 1)")
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="only rewrite the results page from a JSON file this script wrote (no timing)")
     p.add_argument("--synthetic", action="store_true",
                    help="random images and labels of the task's shape and size instead of the real files "
                         "(same arithmetic; for machines without the dataset)")
@@ -167,6 +169,11 @@ def vectorized(x, y, *, arch, shape, classes, schedule: Schedule, models: int, s
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.render:
+        data = json.loads(Path(args.render).read_text())
+        md = Path(args.md) if args.md else ROOT / "docs" / "results" / "training.md"
+        _write(md, update_page(md.read_text() if md.exists() else "", data["device_type"], markdown(data)))
+        return data
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but torch sees no CUDA GPU")
@@ -354,12 +361,16 @@ def markdown(data: dict) -> str:
         f"{s['load_average_end'][0]:.2f} at the end.",
         "",
         f"Task: {s['dataset']} classes {s['classes']}, {s['n_train']} training images, {s['arch']}, "
-        f"{s['epochs']} epochs, batch {s['batch_size']}, Adam lr {s['lr']}. Vectorized: one group of "
-        f"Mc = {s['group_size']} models (forward/backward in chunks of {s['chunk']}), noisy training set "
-        f"drawn once per group{' and kept' if s['noise_cache'] else ''} "
-        f"({s['noise_draw_s']:.1f} s). Serial RAB-style loop: {s['serial_models']} models one at a time, each "
-        "with its own stored torch.randn noise and shuffling DataLoader. Median of "
-        f"{s['repeats']} repeat(s).",
+        f"{s['epochs']} epochs, batch {s['batch_size']}, Adam lr {s['lr']}. Vectorized "
+        f"(`certssb.training.train_group`): one group of Mc = {s['group_size']} models sharing the mini-batch "
+        f"order, forward, backward and Adam step in chunks of {s['chunk']} model(s)"
+        + (f", {s['threads']} chunks at a time on single-threaded workers" if data["device_type"] == "cpu"
+           and s["threads"] > 1 and s["chunk"] < s["group_size"] else "")
+        + f"; the group's noisy training set drawn once through `noisy_copies`"
+        f"{' and kept' if s['noise_cache'] else ''} ({s['noise_draw_s']:.1f} s). Serial RAB-style loop: "
+        f"{s['serial_models']} models one at a time, each with its own stored torch.randn noise, shuffling "
+        f"DataLoader and Adam. Both paths alternate, median of {s['repeats']} repeat(s); models/h are at these "
+        "settings (training-set size and epochs).",
         "",
         "| case | vectorized (min-max) | baseline | baseline (min-max) | speedup | throughput |",
         "|---|---:|---|---:|---:|---|",

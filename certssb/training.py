@@ -12,6 +12,7 @@ give the same models up to float rounding.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -292,7 +293,7 @@ def train_group(group: GroupedModel, x: torch.Tensor, y: torch.Tensor, sigma: to
         loss.backward()
         opts[j].step()
 
-    with ChunkWorkers(device, len(parts)) as workers:
+    with ChunkWorkers(device, len(parts)) as workers, _cudnn_autotune(device):
         for epoch in range(schedule.epochs):
             order = batch_order(seed, epoch, n)
             for start in range(0, n, schedule.batch_size):
@@ -306,6 +307,20 @@ def train_group(group: GroupedModel, x: torch.Tensor, y: torch.Tensor, sigma: to
     if len(parts) > 1:
         group.load_states([st for part in parts for st in part.state_dicts()])
     return group.to(device).eval()
+
+
+@contextlib.contextmanager
+def _cudnn_autotune(device: torch.device):
+    """cuDNN picks its fastest algorithm per shape (grouped convolutions with many groups vary a lot)."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 def _adam_options(device: torch.device) -> dict:
