@@ -125,13 +125,18 @@ def collect_votes(models: Iterable, x: torch.Tensor, sigma: torch.Tensor, *, see
     for pos, item in enumerate(models):
         ks, forward = _as_group(item, pos, memory_format(x))
         parts = _cpu_chunks(ks, forward, tuple(x.shape[1:]), batch_size, device)
-        with torch.no_grad():
+
+        def run(part, noisy: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():  # grad mode is per thread
+                return part[2](noisy[part[0]:part[1]])
+
+        with torch.no_grad(), training.ChunkWorkers(device, len(parts)) as workers:
             for start in range(0, n, batch_size):
                 xb = x[start:start + batch_size].to(device)
                 sb = sigma[start:start + batch_size].to(device=device, dtype=xb.dtype)
                 noisy = noisy_copies(xb, sb, seed=seed, stream=int(Stream.TEST), models=ks, ids=None)
-                for j0, j1, part in parts:  # [Mc, b, ...] -> logits [Mc, b, classes], chunk by chunk
-                    logits = part(noisy[j0:j1])
+                # [Mc, b, ...] -> logits [mc, b, classes] per chunk (concurrently on CPU cores), in order
+                for (j0, _, _), logits in zip(parts, workers.map(lambda part: run(part, noisy), parts)):
                     if logits.shape[-1] != num_classes:
                         raise CertssbError(f"model {ks[j0]} outputs {logits.shape[-1]} classes, "
                                            f"expected {num_classes}")

@@ -75,10 +75,16 @@ class Dist:
             return torch.device("cuda", self.local_rank % max(1, torch.cuda.device_count()))
         return device
 
-    def init(self, device: torch.device, timeout_s: float = 3600.0) -> "Dist":
-        """Join the process group (no-op for a single process); NCCL for CUDA devices, gloo otherwise."""
+    def init(self, device: torch.device, timeout_s: float | None = None) -> "Dist":
+        """Join the process group (no-op for a single process); NCCL for CUDA devices, gloo otherwise.
+
+        timeout_s: how long a rank waits for the others at a collective (default
+        $CERTSSB_DIST_TIMEOUT, else 4 hours: the others wait while rank 0 runs the sigma search).
+        """
         if not self.enabled or self.backend is not None:
             return self
+        if timeout_s is None:
+            timeout_s = float(os.environ.get("CERTSSB_DIST_TIMEOUT", 4 * 3600))
         import torch.distributed as td
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":

@@ -12,8 +12,9 @@ give the same models up to float rounding.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -154,10 +155,16 @@ class GroupNoise:
         b = xb.shape[0]
         return noisy.transpose(0, 1).reshape(b, len(self.models) * xb.shape[1], *xb.shape[2:])
 
-    def batch(self, idx: torch.Tensor) -> torch.Tensor:
+    def batch(self, idx: torch.Tensor, slots: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Noisy inputs [b, Mc*C, H, W] of samples idx for all slots, or [b, (j1-j0)*C, ...] for slots (j0, j1)."""
         if self.cache is not None:
-            return self.cache[idx.to(self.device)].movedim(-1, 1)
+            if slots is None:
+                return self.cache[idx.to(self.device)].movedim(-1, 1)
+            c = self.x.shape[1]
+            return self.cache[idx.to(self.device), ..., slots[0] * c:slots[1] * c].movedim(-1, 1)
         out = self._draw(idx)
+        if slots is not None:
+            out = out[:, slots[0] * self.x.shape[1]:slots[1] * self.x.shape[1]]
         return out.contiguous(memory_format=torch.channels_last) if out.dim() == 4 else out
 
     @staticmethod
@@ -166,9 +173,45 @@ class GroupNoise:
         return int(x.numel()) * models * x.element_size()
 
 
-# CPU: the models of a group run forward and backward in chunks whose activations take about
-# this many bytes, so they stay in the caches (one Adam step for the whole group still).
-CPU_CHUNK_BYTES = 32 << 20
+# CPU: the models of a group run forward, backward and Adam in chunks whose activations take
+# about this many bytes, so that the chunks running at once (one per core) stay in the caches.
+CPU_CHUNK_BYTES = 16 << 20
+
+
+class ChunkWorkers:
+    """Runs the independent chunks of a group on the CPU cores, one single-threaded worker per core.
+
+    On a CPU with T = torch.get_num_threads() > 1 and several chunks, each chunk
+    runs on a worker thread with one intra-op thread (torch ops release the
+    GIL), so T chunks run at once: the models are independent, no op has to be
+    split across cores, and a chunk's arithmetic does not depend on T. Otherwise
+    (GPU, one thread, one chunk) the chunks run in order on the calling thread.
+    `map` returns the results in the order of `items`.
+    """
+
+    def __init__(self, device: torch.device, jobs: int) -> None:
+        self.threads = torch.get_num_threads()
+        workers = min(self.threads, jobs) if torch.device(device).type == "cpu" else 1
+        self.pool = (ThreadPoolExecutor(workers, thread_name_prefix="certssb-chunk",
+                                        initializer=torch.set_num_threads, initargs=(1,))
+                     if workers > 1 else None)
+
+    def map(self, fn: Callable, items: Sequence) -> list:
+        if self.pool is None:
+            return [fn(item) for item in items]
+        return list(self.pool.map(fn, items))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
+            torch.set_num_threads(self.threads)  # the workers set torch's shared count to 1
+
+    def __enter__(self) -> "ChunkWorkers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def default_chunk(model: nn.Module, models: int, sample_shape: Sequence[int], batch_size: int,
@@ -196,11 +239,13 @@ def train_group(group: GroupedModel, x: torch.Tensor, y: torch.Tensor, sigma: to
     levels; models: the Mc model indices k (the TRAIN stream's `a` word) of the
     group's slots, consecutive. Every model sees the mini-batches of
     `batch_order(seed, epoch, N)`; the loss is sum over models of each model's
-    mean cross-entropy, so each model gets exactly its own gradient, and one
-    Adam steps all of them. Each step draws the noisy batch of the whole group
-    at once (`GroupNoise`); forward and backward run in chunks of `chunk`
-    models (default `default_chunk`: the whole group on a GPU, cache-sized on a
-    CPU), which changes nothing but speed. `noise`: the group's `GroupNoise` if
+    mean cross-entropy, so each model gets exactly its own gradient, and Adam
+    steps them (elementwise: one Adam over the stacked parameters equals Mc
+    separate ones). Each step draws the noisy batch of the whole group at once
+    (`GroupNoise`); forward, backward and the Adam step run in chunks of
+    `chunk` models (default `default_chunk`: the whole group on a GPU,
+    cache-sized on a CPU, where the chunks run concurrently on the cores:
+    `ChunkWorkers`), which changes nothing but speed. `noise`: the group's `GroupNoise` if
     already drawn (else drawn here, kept when `cache_noise`). `progress`: an
     optional tqdm bar advanced by one per epoch. Example::
 
@@ -223,8 +268,8 @@ def train_group(group: GroupedModel, x: torch.Tensor, y: torch.Tensor, sigma: to
         start = bounds[-1][1] if bounds else 0
         bounds.append((start, start + part.models))
         part.to(device=device, memory_format=torch.channels_last).train()
-    opt = torch.optim.Adam([p for part in parts for p in part.parameters()], lr=schedule.lr,
-                           **_adam_options(device))
+    # one Adam per chunk, stepped right after its backward (Adam is elementwise: the same as one for all)
+    opts = [torch.optim.Adam(part.parameters(), lr=schedule.lr, **_adam_options(device)) for part in parts]
     if noise is None:
         noise = GroupNoise(x, sigma, seed=seed, models=models, device=device, cache=cache_noise)
     elif noise.models != models:
@@ -232,31 +277,52 @@ def train_group(group: GroupedModel, x: torch.Tensor, y: torch.Tensor, sigma: to
     c = x.shape[1]
     n = x.shape[0]
     y_dev = y.to(device)
-    for epoch in range(schedule.epochs):
-        order = batch_order(seed, epoch, n)
-        for start in range(0, n, schedule.batch_size):
-            idx = order[start:start + schedule.batch_size]
-            b = len(idx)
-            xb = noise.batch(idx)  # [b, Mc*C, H, W]: one draw for the whole group
-            yb = y_dev[idx.to(device)]
-            opt.zero_grad(set_to_none=True)
-            for part, (m0, m1) in zip(parts, bounds):
-                xp = xb if len(parts) == 1 else xb[:, m0 * c:m1 * c].contiguous(memory_format=torch.channels_last)
-                logits = part.forward_grouped(xp)  # [mc, b, K]
-                # sum over models of each model's mean loss: model m's gradient is its own
-                loss = F.cross_entropy(logits.reshape(part.models * b, -1), yb.repeat(part.models),
-                                       reduction="sum") / b
-                loss.backward()
-            opt.step()
-        if progress is not None:
-            progress.update(1)
+
+    def step(j: int, idx: torch.Tensor, xb: Optional[torch.Tensor], yb: torch.Tensor) -> None:
+        """One optimisation step of chunk j on the batch idx (its inputs from xb or the noise cache)."""
+        part, (m0, m1) = parts[j], bounds[j]
+        if xb is None:
+            xp = noise.batch(idx, (m0, m1))
+        else:
+            xp = xb if len(parts) == 1 else xb[:, m0 * c:m1 * c].contiguous(memory_format=torch.channels_last)
+        logits = part.forward_grouped(xp)  # [mc, b, K]
+        b = yb.shape[0]
+        # sum over models of each model's mean loss: model m's gradient is its own
+        loss = F.cross_entropy(logits.reshape(part.models * b, -1), yb.repeat(part.models), reduction="sum") / b
+        opts[j].zero_grad(set_to_none=True)
+        loss.backward()
+        opts[j].step()
+
+    with ChunkWorkers(device, len(parts)) as workers, _cudnn_autotune(device):
+        for epoch in range(schedule.epochs):
+            order = batch_order(seed, epoch, n)
+            for start in range(0, n, schedule.batch_size):
+                idx = order[start:start + schedule.batch_size]
+                # drawn: one noisy_copies call for the whole group; cached: each chunk gathers its slots
+                xb = noise.batch(idx) if noise.cache is None else None
+                yb = y_dev[idx.to(device)]
+                workers.map(lambda j: step(j, idx, xb, yb), range(len(parts)))
+            if progress is not None:
+                progress.update(1)
     if len(parts) > 1:
         group.load_states([st for part in parts for st in part.state_dicts()])
     return group.to(device).eval()
 
 
+@contextlib.contextmanager
+def _cudnn_autotune(device: torch.device):
+    """cuDNN picks its fastest algorithm per shape (grouped convolutions with many groups vary a lot)."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
 def _adam_options(device: torch.device) -> dict:
     """Fused Adam where torch has it for the device: one kernel for all stacked parameters."""
-    if os.environ.get("CERTSSB_ADAM_FUSED", "1") == "0":
-        return {}
     return {"fused": True} if device.type in ("cpu", "cuda") else {}

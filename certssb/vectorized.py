@@ -202,16 +202,11 @@ class GroupedModel(nn.Module):
                     True for _ in module.parameters(recurse=False)):
                 raise CertssbError(f"layer {name!r} ({type(module).__name__}) has parameters but no grouped "
                                    f"version; supported: Conv2d, BatchNorm2d, Linear")
-        self.num_classes = self._num_classes()
 
     def _set(self, name: str, module: nn.Module) -> None:
         parent_name, _, child = name.rpartition(".")
         parent = self.body.get_submodule(parent_name) if parent_name else self.body
         setattr(parent, child, module)
-
-    def _num_classes(self) -> int:
-        last = [m for m in self._grouped.values() if isinstance(m, GroupedLinear)]
-        return last[-1].out_features if last else -1
 
     def forward_grouped(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, Mc*C, H, W] (grouped layout) -> logits [Mc, B, K]."""
