@@ -24,13 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_name as _device_name  # noqa: E402  (one definition for all benchmarks)
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -297,21 +299,6 @@ def _print_table(results) -> None:
     for r in results:
         print(f"{r['case']:58s} {r['fast_s']:9.3f}s {r['baseline']:24s} {r['baseline_s']:9.3f}s "
               f"{r['speedup']:7.2f}x  {r['throughput']}")
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads ({os.cpu_count()} cores visible)"
 
 
 def _build_info() -> dict:
