@@ -132,6 +132,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernels (native ops) or reference (pure PyTorch); default: the run's")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--debug", action="store_true")
+    p = sub.add_parser("grid", help="the paper's experiment grid: many runs from experiment files, "
+                                    "resumable (finished cells are skipped)")
+    p.add_argument("experiments", nargs="*", metavar="EXPERIMENT",
+                   help="experiment files (experiments/*.json) or their names; default: every file in "
+                        "./experiments")
+    p.add_argument("--scale", default="full",
+                   help="full (the paper's M and schedules), cpu (reduced, labelled so) or smoke, as the "
+                        "experiment file defines them (default %(default)s)")
+    p.add_argument("--out", default="runs/grid", help="root of the cell directories (default %(default)s)")
+    p.add_argument("--only", action="append", default=[], metavar="AXIS=V[,V...]",
+                   help="run only the cells with these axis values, e.g. --only trigger=onepixel "
+                        "--only sigma0=0.25,0.5 (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and their folders, run nothing")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--group-size", type=int, default=None, help="models trained at once (default: from memory)")
+    p.add_argument("--pages", metavar="DIR", default=None,
+                   help="afterwards, regenerate the results pages (DIR/<dataset>.md) from --out")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    p = sub.add_parser("pages", help="write the results pages (one per dataset) from grid cell directories")
+    p.add_argument("--runs", default="runs/grid", help="the grid root (default %(default)s)")
+    p.add_argument("--docs", default="docs/results", help="where the pages go (default %(default)s)")
+    p.add_argument("--readme", default=None, metavar="FILE",
+                   help="also rewrite the results block of this README (between its results markers)")
+    p.add_argument("--debug", action="store_true")
     p = sub.add_parser("report", help="recompute tables and plots from a run directory's certificates")
     p.add_argument("--out", required=True, help="the run directory")
     p.add_argument("--radii", type=parse_radii, default=None)
@@ -218,12 +243,52 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if main_rank:
             _print_summary(summary, cfg.out)
         return 0
+    if args.command == "grid":
+        return _grid(args)
+    if args.command == "pages":
+        from .results_pages import write_pages
+        for path in write_pages(args.runs, args.docs, readme=args.readme):
+            print(f"wrote {path}")
+        return 0
     if args.command == "report":
         summary = regenerate(args.out, args.radii)
         _print_summary(summary, args.out)
         return 0
     parser.print_help()
     return 2
+
+
+def _experiment_files(names: list[str]) -> list[Path]:
+    if not names:
+        files = sorted(Path("experiments").glob("*.json"))
+        if not files:
+            raise CertssbError("no experiment files given and ./experiments has none; pass experiment "
+                               "files (see experiments/*.json in the certssb repository)")
+        return files
+    files = []
+    for name in names:
+        path = Path(name)
+        if not path.exists() and not name.endswith(".json"):
+            path = Path("experiments") / f"{name}.json"
+        files.append(path)
+    return files
+
+
+def _grid(args: argparse.Namespace) -> int:
+    from .grid import Experiment, parse_only, run_grid
+    experiments = [Experiment.load(f) for f in _experiment_files(args.experiments)]
+    overrides = {k: v for k, v in (("device", args.device), ("group_size", args.group_size)) if v is not None}
+    cells = run_grid(experiments, args.scale, args.out, only=parse_only(args.only), overrides=overrides,
+                     dry_run=args.dry_run, progress=not args.quiet,
+                     log=lambda s: print(s, file=sys.stderr, flush=True))
+    counts = {st: sum(c["status"] == st for c in cells) for st in ("done", "skipped", "planned")}
+    print(f"grid: {counts['done']} cells run, {counts['skipped']} already finished"
+          + (f", {counts['planned']} planned" if args.dry_run else "") + f" (under {args.out})")
+    if args.pages and not args.dry_run:
+        from .results_pages import write_pages
+        for path in write_pages(args.out, args.pages):
+            print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":

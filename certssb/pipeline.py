@@ -310,14 +310,18 @@ def stage_certify(p: Prepared, out: Path, method: str, ens: EnsembleDir, sigma: 
 
 
 def run(config: RunConfig | dict, *, train: bool = True, certify: bool = True, progress: bool = True,
-        log: Optional[Callable[[str], None]] = None, regions: Optional[RegionStore] = None) -> dict:
+        log: Optional[Callable[[str], None]] = None, regions: Optional[RegionStore] = None,
+        results_dir: Optional[str | Path] = None) -> dict:
     """Run the whole pipeline and return the summary (also written to `<out>/summary.json`).
 
     config: a RunConfig or a dict of its fields. train=False certifies an existing
     run directory without training anything that is missing (`certssb certify`);
     certify=False stops after training (`certssb train`) and returns a summary
     without certificates. regions: a loaded RegionStore that the storage update of every
-    split continues (`certssb certify --regions FILE`).
+    split continues (`certssb certify --regions FILE`). results_dir: write the certification
+    outputs (certificates, region stores, summary, table, plot) there instead of into the run
+    directory, so one trained run can be certified under several settings side by side
+    (`certssb grid` certifies each bound into its own folder).
     """
     cfg = RunConfig.from_dict(config) if isinstance(config, dict) else config
     cfg = cfg.resolve()
@@ -326,18 +330,23 @@ def run(config: RunConfig | dict, *, train: bool = True, certify: bool = True, p
         log, progress = (lambda s: None), False
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     with using_backend(cfg.backend):  # every noise draw, vote and radius of this run
-        return _run(cfg, dist, train=train, certify=certify, progress=progress, log=log, regions=regions)
+        return _run(cfg, dist, train=train, certify=certify, progress=progress, log=log, regions=regions,
+                    results=Path(results_dir) if results_dir is not None else Path(cfg.out))
 
 
 def _run(cfg: RunConfig, dist: Dist, *, train: bool, certify: bool, progress: bool,
-         log: Callable[[str], None], regions: Optional[RegionStore]) -> dict:
+         log: Callable[[str], None], regions: Optional[RegionStore], results: Path) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     if dist.is_main:
-        atomic_write_json(out / "config.json", {
-            "format": RUN_FORMAT, "certssb": _version(), "torch": torch.__version__,
-            "python": platform.python_version(), "config": cfg.to_dict()})
+        header = {"format": RUN_FORMAT, "certssb": _version(), "torch": torch.__version__,
+                  "python": platform.python_version(), "config": cfg.to_dict()}
+        if train or not (out / "config.json").exists() or results == out:
+            atomic_write_json(out / "config.json", header)
+        if results != out:  # certification settings of this results folder, beside its summary
+            results.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(results / "config.json", {**header, "run_dir": str(out)})
     p = prepare(cfg, log)
     p.device = dist.device(p.device)
     p.dist = dist.init(p.device)
@@ -387,7 +396,8 @@ def _run(cfg: RunConfig, dist: Dist, *, train: bool, certify: bool, progress: bo
             summary["methods"][method] = {"models": cfg.models, "trained": True,
                                           "seconds": {"train": round(t_train, 3)}}
             continue
-        res = stage_certify(p, out, method, ens, sig, float(sig["train"].min()), progress, log, regions=regions)
+        res = stage_certify(p, results, method, ens, sig, float(sig["train"].min()), progress, log,
+                            regions=regions)
         if not dist.is_main:
             continue
         m = {"models": cfg.models, "bound": cfg.bound, "alpha": cfg.alpha,
@@ -406,9 +416,9 @@ def _run(cfg: RunConfig, dist: Dist, *, train: bool, certify: bool, progress: bo
     dist.close()
     if not certify or not dist.is_main:
         return summary
-    atomic_write_json(out / "summary.json", summary)
-    plot_certified_accuracy(summary, out / "certified_accuracy.png")
-    atomic_write_text(out / "table.txt", format_table(summary) + "\n")
+    atomic_write_json(results / "summary.json", summary)
+    plot_certified_accuracy(summary, results / "certified_accuracy.png")
+    atomic_write_text(results / "table.txt", format_table(summary) + "\n")
     return summary
 
 
