@@ -157,7 +157,7 @@ def _settings_block(cells: list[dict]) -> list[str]:
     lines = [f"- Task: {ds.get('name')} classes {ds.get('class_names')}, {ds.get('n_train')} training / "
              f"{ds.get('n_test')} test images, image {tuple(ds.get('image_shape', []))}, arch "
              f"`{s0.get('arch')}`.",
-             f"- Ensemble: M = {cfg.get('models')} models per method, {cfg.get("epochs")} epoch(s), batch "
+             f"- Ensemble: M = {cfg.get('models')} models per method, {cfg.get('epochs')} epoch(s), batch "
              f"{cfg.get('batch_size')}, Adam lr {cfg.get('lr')}; sigma search K = {cfg.get('sigma_steps')} "
              f"steps x {cfg.get('sigma_draws')} draws, sigma in [{cfg.get('sigma_min')}, {cfg.get('sigma_max')}] "
              f"for sigma0 = {cfg.get('sigma0')}; alpha = {cfg.get('alpha')}; seed {cfg.get('seed')}.",
