@@ -340,13 +340,17 @@ def update_page(old: str, device_type: str, section: str) -> str:
 
 def markdown(data: dict) -> str:
     s = data["settings"]
+    if "load_average_start" in s:
+        load = (f"{s['load_average_start'][0]:.2f} at the start, {s['load_average_end'][0]:.2f} at the end")
+    else:  # files written before the start/end split recorded one reading, at the end
+        load = f"{s['load_average'][0]:.2f} at the end"
     lines = [
         f"## {data['device_type'].upper()}: {data['device']}",
         "",
         f"torch {data['torch']}; noise draws: {s['noise_backend']}. Machine load "
-        f"(1-minute load average, this benchmark included) {s['load_average_start'][0]:.2f} at the start, "
-        f"{s['load_average_end'][0]:.2f} at the end.",
+        f"(1-minute load average, this benchmark included) {load}.",
         "",
+        *([data["note"], ""] if data.get("note") else []),
         f"Task: {s['dataset']} classes {s['classes']}, {s['n_train']} training images, {s['arch']}, "
         f"{s['epochs']} epochs, batch {s['batch_size']}, Adam lr {s['lr']}. Vectorized "
         f"(`certssb.training.train_group`): one group of Mc = {s['group_size']} models sharing the mini-batch "
