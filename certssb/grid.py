@@ -39,8 +39,9 @@ CELL_FORMAT = 1
 EXPERIMENT_KEYS = {"name", "title", "page", "description", "base", "axes", "bounds", "scales", "published"}
 SCALE_ONLY_KEYS = {"axes", "note"}
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
-# The grid owns these: each cell trains both methods into its own directory.
-GRID_OWNED = {"out", "method", "bound"}
+# The grid owns these: each cell trains into its own directory and is certified once per
+# bound. (`method` defaults to both; an experiment may pin one, e.g. to match a publication.)
+GRID_OWNED = {"out", "bound"}
 
 
 @dataclass
@@ -101,8 +102,8 @@ class Experiment:
                                    f"(the names of `certssb run` options with '_' for '-')")
             owned = sorted(set(d) & GRID_OWNED)
             if owned:
-                raise CertssbError(f"{where}: {what} sets {owned}, which the grid owns (each cell trains both "
-                                   f"methods into its own folder; list bounds under \"bounds\")")
+                raise CertssbError(f"{where}: {what} sets {owned}, which the grid owns (each cell trains into "
+                                   f"its own folder; list bounds under \"bounds\")")
 
         check_fields(self.base, "base")
         for axis, values in self.axes.items():
@@ -145,7 +146,7 @@ class Experiment:
             point = dict(zip(names, values))
             if only and any(k in point and _fmt(point[k]) not in want for k, want in only.items()):
                 continue
-            cfg = {**self.base, **settings, **point, "method": "both"}
+            cfg = {"method": "both", **self.base, **settings, **point}
             cells.append(Cell(self, scale, cell_name(point), point, cfg))
         return cells
 
