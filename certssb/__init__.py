@@ -20,6 +20,7 @@ from .bounds import (certified_radius, clopper_pearson_lower, conservative_radiu
 from .certify import Certificates, Votes, certify_models, certify_votes, collect_votes
 from .config import RunConfig
 from .data import DATASETS, TaskData, load_task
+from .ensemble import load_user_model, load_user_weights
 from .errors import CertssbError, CheckpointError, DataError
 from .models import ARCHS, build_model
 from .noise import Stream, noisy_copies, normal
@@ -37,6 +38,7 @@ __all__ = [
     "normal", "noisy_copies", "Stream",
     "SigmaSearch", "optimize_sigma",
     "certify_models", "collect_votes", "certify_votes", "Votes", "Certificates",
+    "load_user_weights", "load_user_model",
     "hoeffding_lower", "clopper_pearson_lower", "certified_radius", "conservative_radius",
     "poison_budget", "radius_proxy",
     "RegionStore",

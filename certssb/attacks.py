@@ -155,6 +155,14 @@ class Trigger:
                 f"trigger was made for images of shape {self.image_shape}, got images of shape "
                 f"{tuple(x.shape[1:])}; build the trigger with the dataset's image_shape"
             )
+        if x.numel():
+            lo, hi = torch.aminmax(x.detach())
+            lo, hi = float(lo), float(hi)
+            if not (0.0 <= lo and hi <= 1.0):  # also False for NaN
+                raise CertssbError(
+                    f"trigger input must be images in [0, 1] without NaN/Inf, got values in "
+                    f"[{lo}, {hi}]; scale pixels to [0, 1] (uint8 / 255) and do not normalize"
+                )
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Return the triggered copy of ``x`` (float ``[N, C, H, W]``); ``x`` is not modified.
@@ -368,8 +376,9 @@ def poison_training_set(
     n = round(rate * total)
     if n == 0:
         raise CertssbError(
-            f"poison rate {rate} of {total} training samples selects no sample; use a rate of at "
-            f"least 1/{total} (= {1 / total:.6g})"
+            f"poison rate {rate} of {total} training samples selects no sample ({rate} x {total} = "
+            f"{rate * total:.3g} rounds to 0); the smallest rate that works is just above 0.5/{total} "
+            f"= {0.5 / total:.3g}: use e.g. a rate of {1 / total:.3g} (1/{total}: one sample)"
         )
     if all_to_all:
         candidates = torch.arange(total, dtype=torch.int64)

@@ -10,6 +10,7 @@ Clopper-Pearson on the hard votes (Bonferroni over classes).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -17,16 +18,26 @@ import torch
 from torch import nn
 
 from . import training
-from .bounds import BOUNDS, certified_radius, conservative_radius, pa_lower, top2
+from .bounds import BOUNDS, _check_alpha, certified_radius, conservative_radius, pa_lower, top2
 from .errors import CertssbError
 from .kernels import use_kernels
 from .kernels.radius import certify_radius
 from .kernels.vote import UNITS_PER_ONE, reference_accumulate, vote_accumulate, vote_top2
-from .noise import Stream, noisy_copies
+from .noise import Stream, check_noise_inputs, noisy_copies
 from .training import default_chunk, memory_format
 from .vectorized import GroupedModel
 
 MODES = ("rab", "paper")
+# certify_models takes images in [0, 1]; triggered or adversarially perturbed inputs (an unclipped
+# blending trigger, a test-time perturbation) may leave that range a little, uint8 (0..255) or
+# normalized ((x - mean) / std) inputs leave it by far: those are refused.
+PIXEL_SLACK = 1.0
+
+
+def _check_positive_int(v: object, name: str, minimum: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise CertssbError(f"{name} must be an integer >= {minimum}, got {v!r}")
+    return v
 
 
 @dataclass
@@ -116,10 +127,14 @@ def collect_votes(models: Iterable, x: torch.Tensor, sigma: torch.Tensor, *, see
         votes = collect_votes(ens.iter_groups(), x, sigma, seed=0, num_classes=2)
     """
     device = torch.device(device)
-    if sigma.shape != (x.shape[0],):
-        raise CertssbError(f"sigma must have shape [{x.shape[0]}], got {list(sigma.shape)}")
-    if x.shape[0] and (not torch.isfinite(sigma).all() or (sigma <= 0).any()):
-        raise CertssbError("every sigma must be finite and > 0")
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
+        raise CertssbError("x must be a floating tensor of inputs [B, C, H, W]")
+    if not isinstance(sigma, torch.Tensor) or sigma.shape != (x.shape[0],):
+        got = list(sigma.shape) if isinstance(sigma, torch.Tensor) else type(sigma).__name__
+        raise CertssbError(f"sigma must be a tensor of shape [{x.shape[0]}] (one noise level per input), got {got}")
+    _check_positive_int(num_classes, "num_classes", 2)
+    _check_positive_int(batch_size, "batch_size", 1)
+    check_noise_inputs(x, sigma)  # finite x, finite sigma > 0: once, not per batch
     n = x.shape[0]
     votes = Votes.zeros(n, num_classes)
     for pos, item in enumerate(models):
@@ -134,7 +149,8 @@ def collect_votes(models: Iterable, x: torch.Tensor, sigma: torch.Tensor, *, see
             for start in range(0, n, batch_size):
                 xb = x[start:start + batch_size].to(device)
                 sb = sigma[start:start + batch_size].to(device=device, dtype=xb.dtype)
-                noisy = noisy_copies(xb, sb, seed=seed, stream=int(Stream.TEST), models=ks, ids=None)
+                noisy = noisy_copies(xb, sb, seed=seed, stream=int(Stream.TEST), models=ks, ids=None,
+                                     check=False)
                 # [Mc, b, ...] -> logits [mc, b, classes] per chunk (concurrently on CPU cores), in order
                 for (j0, _, _), logits in zip(parts, workers.map(lambda part: run(part, noisy), parts)):
                     if logits.shape[-1] != num_classes:
@@ -208,8 +224,21 @@ def certify_votes(votes: Votes, sigma: torch.Tensor, *, bound: str = "hoeffding"
         raise CertssbError(f"unknown bound {bound!r}; choose one of {', '.join(BOUNDS)}")
     if mode not in MODES:
         raise CertssbError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if not isinstance(votes, Votes):
+        raise CertssbError(f"votes must be a Votes (from collect_votes), got {type(votes).__name__}")
     if votes.models < 1:
-        raise CertssbError("no model votes were collected; an ensemble needs at least one model")
+        raise CertssbError("no model votes were collected; an ensemble needs at least one model (M >= 1)")
+    _check_alpha(alpha)
+    b = votes.soft_units.shape[0]
+    if not isinstance(sigma, torch.Tensor) or tuple(sigma.shape) != (b,):
+        got = list(sigma.shape) if isinstance(sigma, torch.Tensor) else type(sigma).__name__
+        raise CertssbError(f"sigma must be a tensor of shape [{b}] (one noise level per input), got {got}")
+    if b and not bool((torch.isfinite(sigma) & (sigma > 0)).all()):
+        raise CertssbError("sigma must be finite and > 0 everywhere (noise levels in [0, 1] pixel units); "
+                           "check the sigma file / settings")
+    if mode == "paper" and sigma_train_min is not None and not (
+            isinstance(sigma_train_min, (int, float)) and math.isfinite(sigma_train_min) and sigma_train_min > 0):
+        raise CertssbError(f"sigma_train_min must be finite and > 0, got {sigma_train_min!r}")
     m = votes.models
     c = votes.soft_units.shape[1]
     by_count = bound == "clopper-pearson"
@@ -247,19 +276,38 @@ def certify_models(models: Iterable[nn.Module], x: torch.Tensor, sigma: torch.Te
     """Certify a user's own ensemble on user tensors.
 
     models: the M smoothed models (each trained on noisy data, as RAB / Cert-SSB).
-    x: [B, C, H, W] inputs in [0, 1]; sigma: a float (RAB) or per-input [B] (Cert-SSB).
+    x: [B, C, H, W] images in [0, 1] (perturbed ones within PIXEL_SLACK of it), finite;
+    sigma: a float (RAB) or per-input [B] (Cert-SSB), finite and > 0. Bad input raises
+    CertssbError (shape, NaN/Inf, uint8 or normalized scale, sigma, alpha, bound, mode, M < 1).
     Returns `Certificates`. Example::
 
         cert = certssb.certify_models(models, x, 0.25, num_classes=2)
         cert.radius  # [B] certified L2 radii, 0 where cert.abstain
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise CertssbError("x must be a float tensor of shape [B, C, H, W]")
-    if not torch.isfinite(x).all():
-        raise CertssbError("x contains NaN or Inf values")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        got = f"{x.dtype} {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise CertssbError(f"x must be a float tensor of shape [B, C, H, W], got {got}")
+    if x.numel():
+        lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+        if math.isnan(lo) or math.isnan(hi) or math.isinf(lo) or math.isinf(hi):
+            raise CertssbError("x contains NaN or Inf values; pass images as floats in [0, 1]")
+        if lo < -PIXEL_SLACK or hi > 1.0 + PIXEL_SLACK:
+            raise CertssbError(f"x holds values in [{lo:.4g}, {hi:.4g}], but inputs must be images in [0, 1] "
+                               f"(triggered or perturbed ones may stray up to {PIXEL_SLACK:g} beyond): sigma "
+                               "and radii are in [0, 1] pixel units, so divide uint8 pixels by 255 and do not "
+                               "normalize")
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, torch.Tensor)):
+        raise CertssbError(f"sigma must be a number or a [B] tensor, got {type(sigma).__name__}")
     sig = torch.as_tensor(sigma, dtype=torch.float32)
     if sig.dim() == 0:
         sig = sig.expand(x.shape[0]).clone()
+    _check_alpha(alpha)
+    if bound not in BOUNDS:
+        raise CertssbError(f"unknown bound {bound!r}; choose one of {', '.join(BOUNDS)}")
+    if mode not in MODES:
+        raise CertssbError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if isinstance(models, nn.Module):
+        raise CertssbError("models must be a list of models (the ensemble), not one module; wrap it: [model]")
     votes = collect_votes(models, x, sig, seed=seed, num_classes=num_classes,
                           batch_size=batch_size, device=device)
     return certify_votes(votes, sig, bound=bound, alpha=alpha, mode=mode,

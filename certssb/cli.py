@@ -23,6 +23,13 @@ def _classes(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _radii(text: str) -> list[float]:
+    try:
+        return parse_radii(text)
+    except CertssbError as e:  # a ValueError: argparse would print only "invalid value"
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _pixel(text: str) -> list[int]:
     try:
         row, col = (int(t) for t in text.split(","))
@@ -84,7 +91,7 @@ def _add_cert_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     g.add_argument("--bound", choices=("hoeffding", "clopper-pearson"), default=d("hoeffding"),
                    help="hoeffding on soft votes (RAB, the paper) or clopper-pearson on hard votes")
     g.add_argument("--alpha", type=float, default=d(0.001), help="failure probability of the bound")
-    g.add_argument("--radii", type=parse_radii, default=None,
+    g.add_argument("--radii", type=_radii, default=None,
                    help="radii of the certified-accuracy table: start:stop:step or a comma list "
                         "(default 0:2.5:0.25; 0:0.25:0.025 for digits)")
     g.add_argument("--no-storage-update", dest="storage_update", action="store_false",
@@ -159,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true")
     p = sub.add_parser("report", help="recompute tables and plots from a run directory's certificates")
     p.add_argument("--out", required=True, help="the run directory")
-    p.add_argument("--radii", type=parse_radii, default=None)
+    p.add_argument("--radii", type=_radii, default=None)
     p.add_argument("--debug", action="store_true")
     return parser
 
@@ -183,8 +190,18 @@ def _print_summary(summary: dict, out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI on argv (default sys.argv[1:]); returns the exit status.
+
+    0 on success; 2 for a user error (bad argument, bad input, unusable file or folder:
+    one line `certssb: error: ...`, no traceback; --debug or CERTSSB_DEBUG=1 re-raises
+    it with its traceback); 130 when interrupted. Argument errors print argparse's
+    usage line and message and also return 2.
+    """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed
+        return e.code if isinstance(e.code, int) else 2
     debug = getattr(args, "debug", False) or os.environ.get("CERTSSB_DEBUG") == "1"
     try:
         return _dispatch(parser, args)
@@ -192,6 +209,20 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"certssb: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the environment, not a bug: unwritable --out, full disk, missing file
+        if debug:
+            raise
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"certssb: error: {e.strerror or e}{where}; check that the paths exist and are "
+              "writable and that the disk has room (--debug shows the traceback)", file=sys.stderr)
+        return 2
+    except Exception as e:
+        # MemoryError, or torch's OutOfMemoryError (a RuntimeError) on a CPU or GPU
+        if debug or not (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"):
+            raise
+        print("certssb: error: out of memory; lower --group-size and --eval-batch-size, or --max-train "
+              "(--debug shows the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("certssb: interrupted; rerun the same command to resume", file=sys.stderr)
@@ -221,12 +252,12 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             print(f"trained: {', '.join(summary['methods'])}; certify with `certssb certify --out {cfg.out}`")
         return 0
     if args.command == "certify":
-        from .fileio import read_json
+        from .rundir import check_compatible
         path = Path(args.out) / "config.json"
         if not path.exists():
             raise CertssbError(f"{path} not found: --out must be a run directory written by "
                                f"`certssb train` or `certssb run`")
-        saved = read_json(path)
+        saved = check_compatible(args.out)  # refuses another run format or a newer certssb
         cfg = RunConfig.from_dict(saved["config"])
         for key in ("bound", "alpha", "radii", "storage_update", "region_order", "device", "backend"):
             if getattr(args, key, None) is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -19,6 +20,7 @@ from .bounds import BOUNDS as BOUND_NAMES
 from .data import DATASETS as DATASET_NAMES
 from .errors import CertssbError
 from .kernels import check_backend
+from .models import ARCHS
 
 METHOD_NAMES = ("cert-ssb", "rab")
 
@@ -141,7 +143,18 @@ class RunConfig:
             raise CertssbError(f"unknown trigger {self.trigger!r}; choose one of {', '.join(TRIGGER_NAMES)}")
         if self.bound not in BOUND_NAMES:
             raise CertssbError(f"unknown bound {self.bound!r}; choose one of {', '.join(BOUND_NAMES)}")
+        if self.arch is not None and self.arch not in ARCHS:
+            raise CertssbError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)} "
+                               "(or leave --arch out for the dataset's default)")
+        if self.data_dir is not None and not isinstance(self.data_dir, (str, os.PathLike)):
+            raise CertssbError(f"--data-dir must be a path, got {self.data_dir!r}")
+        if not isinstance(self.out, (str, os.PathLike)) or not str(self.out):
+            raise CertssbError(f"--out must be a folder path, got {self.out!r}")
         if self.classes is not None:
+            if not isinstance(self.classes, (list, tuple)) or any(
+                    isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in self.classes):
+                raise CertssbError(f"--classes must be a list of class ids (integers >= 0), e.g. [1, 0]; "
+                                   f"got {self.classes!r}")
             if len(self.classes) < 2:
                 raise CertssbError(f"--classes needs at least two classes, got {self.classes}")
             if len(set(self.classes)) != len(self.classes):
@@ -182,6 +195,9 @@ class RunConfig:
         if self.trigger_pixel is not None and (len(self.trigger_pixel) != 2 or any(
                 not isinstance(v, int) or v < 0 for v in self.trigger_pixel)):
             raise CertssbError(f"--trigger-pixel must be ROW,COL of non-negative integers, got {self.trigger_pixel}")
+        if self.target is not None and (isinstance(self.target, bool) or not isinstance(self.target, int)
+                                        or self.target < 0):
+            raise CertssbError(f"--target must be a class id (an integer >= 0), got {self.target!r}")
         if self.all_to_all and self.target is not None:
             raise CertssbError("--all-to-all relabels every class to the next one; do not also give --target")
         resolve_device(self.device)

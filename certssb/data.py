@@ -549,9 +549,10 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
     The CIFAR-10 batches are pickles of dicts holding bytes, lists, ints and one
     uint8 ndarray. Builtin containers need no globals; an ndarray needs
-    `_reconstruct` (or `_frombuffer` for protocol 5), `ndarray` and `dtype`.
-    Every other global (os.system, builtins.eval, ...) is refused, so a
-    malicious file cannot run code while it is read.
+    `_reconstruct` (or `_frombuffer` for protocol 5), `ndarray` and `dtype`;
+    bytes in a Python 3 protocol-2 pickle need `_codecs.encode` (allowed only
+    as str -> latin-1 bytes). Every other global (os.system, builtins.eval,
+    ...) is refused, so a malicious file cannot run code while it is read.
     """
 
     def __init__(self, file: io.BufferedIOBase, path: Path):
@@ -567,13 +568,23 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         return obj
 
 
+def _latin1_encode(text: Any, encoding: str = "latin1", errors: str = "strict") -> bytes:
+    """`_codecs.encode` as protocol-2 pickles of bytes use it, restricted to str -> latin-1 bytes."""
+    if not isinstance(text, str) or encoding.replace("-", "").replace("_", "").lower() not in ("latin1", "iso88591"):
+        raise pickle.UnpicklingError(f"refusing _codecs.encode({type(text).__name__}, {encoding!r}): a CIFAR-10 "
+                                     "batch only encodes text as latin-1 bytes")
+    return text.encode("latin-1", errors)
+
+
 def _numpy_pickle_globals() -> dict[tuple[str, str], Any]:
     """The numpy callables an ndarray pickle names, under both numpy 1 and numpy 2 module paths."""
     try:
         from numpy._core import multiarray as ma, numeric as nu  # numpy >= 2
     except ImportError:  # pragma: no cover - numpy 1.x
         from numpy.core import multiarray as ma, numeric as nu  # type: ignore[no-redef]
-    allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                                           # Python 3 protocol-2 pickles spell bytes as encode(str, "latin1")
+                                           ("_codecs", "encode"): _latin1_encode}
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed[(mod, "_reconstruct")] = ma._reconstruct
     if hasattr(nu, "_frombuffer"):

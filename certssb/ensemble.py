@@ -36,8 +36,9 @@ from tqdm.auto import tqdm
 
 from .distributed import Dist, shard
 from .errors import CheckpointError, CertssbError
-from .fileio import atomic_write_json, load_tensors, read_json, save_tensors
+from .fileio import atomic_write_json, load_tensors, read_json, safe_child, save_tensors
 from .models import build_model
+from .noise import check_noise_inputs
 from .seeding import derive_seed
 from .training import GroupNoise, Schedule, train_group
 from .vectorized import GroupedModel, activation_floats, from_states
@@ -119,9 +120,17 @@ class EnsembleDir:
         if not self.manifest_path.exists():
             return {**self.spec.manifest_header(), "group_size": None, "finished": {}}
         manifest = read_json(self.manifest_path)
+        if not isinstance(manifest, dict):
+            raise CheckpointError(f"{self.manifest_path} is not a manifest (not a JSON object); delete it "
+                                  "and rerun")
         self._check_header(manifest, self.manifest_path)
         manifest["models"] = self.spec.models
-        manifest.setdefault("finished", {})
+        finished = manifest.setdefault("finished", {})
+        if not isinstance(finished, dict):
+            raise CheckpointError(f"{self.manifest_path}: 'finished' is not an object; delete it and rerun")
+        for k, entry in finished.items():  # never followed, but a path out of the folder means tampering
+            if isinstance(entry, dict) and "file" in entry:
+                safe_child(self.path, entry["file"], source=self.manifest_path)
         return manifest
 
     def recorded_group_size(self) -> Optional[int]:
@@ -143,6 +152,8 @@ class EnsembleDir:
             rec = read_json(path)
         except CheckpointError:
             return None  # unreadable record: the group is retrained
+        if not isinstance(rec, dict) or not isinstance(rec.get("header", {}), dict):
+            return None  # not a record: the group is retrained
         try:
             self._check_header(rec.get("header", {}), path)
         except CheckpointError:
@@ -151,21 +162,41 @@ class EnsembleDir:
             return None
         return rec
 
+    def _model_path(self, k: int, entry: object, source: Path) -> Path:
+        """The file of model k named by a record or manifest entry, refused (CheckpointError) unless
+        it is this folder's model_file(k): no absolute path, no '..', no symlink out of the folder."""
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            raise CheckpointError(f"{source}: the entry of model {k} is malformed ({entry!r}); delete "
+                                  f"{source} and rerun to retrain its models")
+        name = entry.get("file", model_file(k))
+        path = safe_child(self.path, name, source=source)
+        if name != model_file(k):
+            raise CheckpointError(f"{source} names {name!r} for model {k}, expected {model_file(k)!r}; the "
+                                  f"run directory was altered: delete {source} and rerun")
+        return path
+
     def _valid_models(self, rec: Optional[dict], ks: range, verify: bool) -> dict[int, str]:
-        """{k: sha256} of the group's models whose files exist and (verify) match their checksum."""
+        """{k: sha256} of the group's models whose files exist and (verify) match their checksum.
+
+        A record naming a file outside this folder raises CheckpointError (never followed)."""
         if rec is None:
             return {}
         out = {}
+        files = rec.get("files", {})
+        source = self._record_path(rec.get("group", -1)) if isinstance(rec.get("group"), int) else self.path
+        if not isinstance(files, dict):
+            raise CheckpointError(f"{source}: 'files' is not an object; delete {source} and rerun")
         for k in ks:
-            entry = rec.get("files", {}).get(str(k))
+            entry = files.get(str(k))
             if entry is None:
                 continue
+            path = self._model_path(k, entry, source)
             if verify:
                 try:
-                    load_tensors(self.path / model_file(k), expected_sha256=entry["sha256"])
+                    load_tensors(path, expected_sha256=entry["sha256"])
                 except CheckpointError:
                     continue  # damaged or missing: the group is retrained
-            elif not (self.path / model_file(k)).exists():
+            elif not path.is_file():
                 continue
             out[k] = entry["sha256"]
         return out
@@ -230,8 +261,10 @@ class EnsembleDir:
         """
         spec = self.spec
         device = torch.device(device)
-        if sigma.shape != (x.shape[0],):
-            raise CertssbError(f"sigma must have shape [{x.shape[0]}], got {list(sigma.shape)}")
+        if not isinstance(sigma, torch.Tensor) or sigma.shape != (x.shape[0],):
+            got = list(sigma.shape) if isinstance(sigma, torch.Tensor) else type(sigma).__name__
+            raise CertssbError(f"sigma must have shape [{x.shape[0]}], got {got}")
+        check_noise_inputs(x, sigma)  # finite images, finite sigma > 0
         self.path.mkdir(parents=True, exist_ok=True)
         self._load_manifest()  # refuses a folder of another run
         g_size = self.resolve_group_size(x, device, dist)
@@ -299,7 +332,8 @@ class EnsembleDir:
         return model.to(device).eval()
 
     def _load_state(self, k: int, sha256: str) -> dict[str, torch.Tensor]:
-        return load_tensors(self.path / model_file(k), expected_sha256=sha256)
+        path = safe_child(self.path, model_file(k), source=self.path)  # a symlink out of the folder is refused
+        return load_tensors(path, expected_sha256=sha256)
 
     def iter_models(self, device: torch.device | str = "cpu") -> Iterator[tuple[int, nn.Module]]:
         """All M models in index order, one at a time; fails if any is missing."""
@@ -394,4 +428,75 @@ def choose_group_size(spec: EnsembleSpec, x: torch.Tensor, device: torch.device)
     return int(max(1, min(cap, spec.models, budget // max(per_model, 1))))
 
 
-__all__ = ["EnsembleSpec", "EnsembleDir", "model_file", "group_ranges", "choose_group_size", "model_memory"]
+# --------------------------------------------------------------------------- user-supplied weights
+_STATE_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+def load_user_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from a file a user was given, read without running any code from it.
+
+    Accepted: safetensors (read by `certssb.fileio.load_tensors`), or a torch zip file
+    (`torch.save(model.state_dict(), path)`, torch >= 1.6) read with
+    ``torch.load(weights_only=True)``: only tensors, containers and plain values can be
+    rebuilt, so a pickle that would import os.system, eval or a model class is refused
+    before anything runs. A dict holding the state dict under "state_dict",
+    "model_state_dict" or "model" is unwrapped. Everything else (a plain pickle, a
+    legacy non-zip torch file, a whole pickled nn.Module, an archive of anything
+    but a flat {name: tensor} mapping) raises CheckpointError saying how to convert it.
+
+    Returns {parameter name: CPU tensor}. Example::
+
+        state = load_user_weights("mnist-model-0.safetensors")
+        model = build_model("mnist-cnn", 1, 10, (28, 28)); model.load_state_dict(state)
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist or is not a file; pass a .safetensors or torch "
+                              "state-dict file")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    convert = ("save the weights as safetensors (safetensors.torch.save_file(model.state_dict(), "
+               "'w.safetensors')) or as a torch state dict (torch.save(model.state_dict(), 'w.pt'))")
+    if len(head) >= 9 and head[8:9] == b"{":  # safetensors: u64 header size, then a JSON header
+        return load_tensors(path)
+    if not head.startswith(b"PK\x03\x04"):
+        raise CheckpointError(f"{path} is neither a safetensors file nor a torch zip file (a plain pickle or "
+                              f"a legacy torch file could run code when read, so it is refused): {convert}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError (a forbidden global), RuntimeError (a damaged archive), ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} was refused by torch.load(weights_only=True): {first[:300]}. Only "
+                              f"tensors can be loaded from a file you were given: {convert}") from None
+    if isinstance(obj, dict):
+        for key in _STATE_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if (not isinstance(obj, dict) or not obj
+            or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())):
+        raise CheckpointError(f"{path} does not hold a state dict ({{name: tensor}}, got "
+                              f"{type(obj).__name__}): {convert}")
+    return {k: v.detach().cpu() for k, v in obj.items()}
+
+
+def load_user_model(path: str | os.PathLike, arch: str, in_channels: int, num_classes: int,
+                    image_size: tuple[int, int]) -> nn.Module:
+    """`build_model(arch, ...)` with weights from `load_user_weights(path)`, in eval mode.
+
+    CheckpointError if the file is refused or its tensors do not fit the architecture.
+    Example::
+
+        models = [load_user_model(p, "mnist-cnn", 1, 2, (28, 28)) for p in paths]
+        cert = certssb.certify_models(models, x, 0.25, num_classes=2)
+    """
+    model = build_model(arch, in_channels, num_classes, image_size)
+    try:
+        model.load_state_dict(load_user_weights(path))
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not fit the {arch} architecture: {str(e)[:500]}") from None
+    return model.eval()
+
+
+__all__ = ["EnsembleSpec", "EnsembleDir", "model_file", "group_ranges", "choose_group_size", "model_memory",
+           "load_user_weights", "load_user_model"]

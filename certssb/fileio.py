@@ -1,17 +1,26 @@
 """Atomic, pickle-free file writing and checksums.
 
 Every file the package writes goes through `atomic_write_bytes` (write a
-temporary file in the same folder, fsync, then `os.replace`), so a crash
-leaves either the old file or the new one, never half of one. Tensors are
-stored as safetensors, everything else as JSON: nothing is ever unpickled.
+temporary file in the same folder, fsync, `os.replace`, fsync the folder), so
+a crash leaves either the old file or the new one, never half of one. Tensors
+are stored as safetensors, everything else as JSON: nothing is ever unpickled.
+(The one exception is a run directory's `.lock`, see `certssb.runlock`: a lock
+must stay on one inode, so it is rewritten in place; it holds no data.)
+
+Every safetensors file carries its own content checksum (metadata key
+`CHECKSUM_KEY`: sha256 of the parsed header without that key, then the data
+buffer), so a truncated or altered file is refused on load even where no
+manifest records its sha256 (sigma vectors, region stores). `safe_child`
+checks a file name read from a run directory before it is followed.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import struct
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Mapping
 
 import torch
@@ -36,6 +45,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -71,19 +95,84 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+CHECKSUM_KEY = "certssb_sha256"
+# A safetensors header larger than this is not one of ours (ours are a few KB).
+_MAX_HEADER = 100 << 20
+
+
+def _split_safetensors(data: bytes, path: Path) -> tuple[dict, memoryview]:
+    """(parsed JSON header, data buffer) of a safetensors file; CheckpointError if unreadable."""
+    if len(data) < 8:
+        raise CheckpointError(f"{path} is truncated ({len(data)} bytes, not a safetensors file); "
+                              "delete it and rerun to rebuild it")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > min(len(data) - 8, _MAX_HEADER):
+        raise CheckpointError(f"{path} is truncated or not a safetensors file (header of {n} bytes, "
+                              f"file of {len(data)}); delete it and rerun to rebuild it")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt: its safetensors header is not valid JSON ({e}); "
+                              "delete it and rerun to rebuild it") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is corrupt: its safetensors header is not a JSON object")
+    return header, memoryview(data)[8 + n:]  # no copy of the tensor bytes
+
+
+def _content_digest(header: dict, buffer: bytes | memoryview) -> str:
+    """sha256 of the header (without CHECKSUM_KEY, canonical JSON) and the data buffer."""
+    head = dict(header)
+    meta = dict(head.get("__metadata__") or {})
+    meta.pop(CHECKSUM_KEY, None)
+    if meta:
+        head["__metadata__"] = meta
+    else:
+        head.pop("__metadata__", None)
+    h = hashlib.sha256(json.dumps(head, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+    h.update(b"\0")
+    h.update(buffer)
+    return h.hexdigest()
+
+
+def _one_substitution(a: str, b: str) -> bool:
+    return len(a) == len(b) and sum(x != y for x, y in zip(a, b)) == 1
+
+
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                  metadata: Mapping[str, str] | None = None) -> str:
-    """Save tensors as safetensors atomically; return the file's sha256."""
+    """Save tensors as safetensors atomically, with an embedded content checksum; return the file's sha256.
+
+    metadata: string key/values stored in the header (`CHECKSUM_KEY` is reserved).
+    Example::
+
+        sha = save_tensors("w.safetensors", {"w": torch.zeros(3)})
+        load_tensors("w.safetensors", expected_sha256=sha)["w"]  # tensor([0., 0., 0.])
+    """
     from safetensors.torch import save
 
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                metadata=dict(metadata) if metadata else None)
+    meta = dict(metadata) if metadata else {}
+    meta.pop(CHECKSUM_KEY, None)
+    plain = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=meta or None)
+    header, buffer = _split_safetensors(plain, Path(path))
+    # the same file with the checksum added to its header (offsets are relative to the buffer)
+    header["__metadata__"] = {**meta, CHECKSUM_KEY: _content_digest(header, buffer)}
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)  # safetensors pads its header to 8 bytes
+    data = b"".join((struct.pack("<Q", len(head)), head, buffer))
     atomic_write_bytes(path, data)
     return sha256_bytes(data)
 
 
-def load_tensors(path: str | os.PathLike, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
-    """Load a safetensors file (never pickle), optionally verifying its sha256 first."""
+def load_tensors(path: str | os.PathLike, expected_sha256: str | None = None, *,
+                 require_checksum: bool = False) -> dict[str, torch.Tensor]:
+    """Load a safetensors file (never pickle), refusing a truncated or altered one.
+
+    expected_sha256: the whole file's sha256 as recorded elsewhere (a manifest);
+    checked first. Otherwise the embedded content checksum (`CHECKSUM_KEY`, written by
+    `save_tensors`) is verified. Files written before checksums were embedded have
+    none and load unverified unless require_checksum=True. Raises CheckpointError
+    (what was wrong and what to do) for a missing, truncated, corrupt or altered file.
+    """
     from safetensors.torch import load
 
     path = Path(path)
@@ -91,9 +180,59 @@ def load_tensors(path: str | os.PathLike, expected_sha256: str | None = None) ->
         data = path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"{path} does not exist") from None
-    if expected_sha256 is not None and sha256_bytes(data) != expected_sha256:
-        raise CheckpointError(f"{path} does not match its recorded checksum (truncated or altered)")
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a directory, not a safetensors file") from None
+    if expected_sha256 is not None:
+        if sha256_bytes(data) != expected_sha256:
+            raise CheckpointError(f"{path} does not match its recorded checksum (truncated or altered); "
+                                  "rerun the same command to rebuild it")
+    else:
+        header, buffer = _split_safetensors(data, path)
+        meta = header.get("__metadata__") or {}
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{path} is corrupt: its metadata is not a JSON object")
+        recorded = meta.get(CHECKSUM_KEY)
+        if recorded is None:
+            if any(isinstance(k, str) and _one_substitution(k, CHECKSUM_KEY) for k in meta):
+                raise CheckpointError(f"{path} is corrupt: its checksum entry is damaged; delete it and "
+                                      "rerun to rebuild it")
+            if require_checksum:
+                raise CheckpointError(f"{path} carries no content checksum (written by an older certssb), "
+                                      "so it cannot be verified; delete it and rerun to rebuild it")
+        elif recorded != _content_digest(header, buffer):
+            raise CheckpointError(f"{path} does not match its embedded checksum (truncated or altered); "
+                                  "delete it and rerun to rebuild it")
     try:
         return load(data)
     except Exception as e:  # safetensors raises its own error types
-        raise CheckpointError(f"{path} is not a valid safetensors file ({e})") from None
+        raise CheckpointError(f"{path} is not a valid safetensors file ({e}); delete it and rerun "
+                              "to rebuild it") from None
+
+
+def safe_child(root: str | os.PathLike, name: object, *, source: str | os.PathLike = "a record") -> Path:
+    """`root / name` for a file name read from a file inside a run directory, if it stays inside `root`.
+
+    Refuses (CheckpointError) anything but a relative path without "..": absolute
+    paths, drive letters, backslashes, NUL, and names whose real path (symlinks
+    followed) leaves `root`. source: the file that named it, for the message.
+    Example: safe_child("run/models/rab", "model-00000.safetensors") -> that path;
+    safe_child("run/models/rab", "../../etc/passwd") raises.
+    """
+    def refuse(why: str) -> CheckpointError:
+        return CheckpointError(f"{source} names {name!r}, {why}; refusing to follow it: the run directory "
+                               f"was altered or comes from an untrusted source. Delete {source} and rerun "
+                               "(or use a fresh --out directory)")
+
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise refuse("which is not a file name")
+    if "\\" in name or PureWindowsPath(name).drive or PurePosixPath(name).is_absolute():
+        raise refuse(f"an absolute path (only names inside {root} are allowed)")
+    rel = PurePosixPath(name)
+    if ".." in rel.parts:
+        raise refuse(f"a path that climbs out of {root} with '..'")
+    root_real = Path(root).resolve()
+    full = Path(root) / rel
+    real = full.resolve()
+    if real != root_real and root_real not in real.parents:
+        raise refuse(f"which resolves (through a symlink) to {real}, outside {root}")
+    return full

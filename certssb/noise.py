@@ -32,6 +32,7 @@ asked for.
 from __future__ import annotations
 
 import math
+import numbers
 from enum import IntEnum
 from typing import Sequence
 
@@ -143,22 +144,62 @@ def normal(seed: int, stream: int, a: torch.Tensor | int, b: torch.Tensor | int,
     return z.to(dtype).reshape(shape + (numel,))
 
 
+def check_noise_inputs(x: torch.Tensor, sigma: torch.Tensor | float) -> None:
+    """Boundary checks of a noise draw: x a floating tensor [B, ...] without NaN/Inf; sigma a
+    number or a [B] tensor, finite and > 0 everywhere. Raises CertssbError. One host
+    synchronisation on a GPU (the extremes travel together)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
+        what = f"a {x.dtype} tensor of shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise CertssbError(f"x must be a floating tensor of shape [B, ...], got {what}")
+    b = x.shape[0]
+    if isinstance(sigma, torch.Tensor):
+        if not (sigma.dim() == 0 or tuple(sigma.shape) == (b,)):
+            raise CertssbError(f"sigma must be a number or have shape [{b}], got {list(sigma.shape)}")
+        if not sigma.is_floating_point():
+            raise CertssbError(f"sigma must be a floating tensor of noise levels, got {sigma.dtype}")
+        s = sigma.detach()
+    elif isinstance(sigma, numbers.Real) and not isinstance(sigma, bool):
+        s = torch.tensor(float(sigma), dtype=torch.float64)
+    else:
+        raise CertssbError(f"sigma must be a number or a [B] tensor, got {type(sigma).__name__}")
+    parts = []
+    if s.numel():
+        parts += [v.to(torch.float64).cpu() for v in torch.aminmax(s)]
+    if x.numel():
+        parts.append(torch.isfinite(x.detach()).all().to(torch.float64).cpu())
+    vals = torch.stack(parts).tolist() if parts else []
+    if s.numel() and not (vals[0] > 0 and vals[1] < math.inf):  # False for NaN too
+        raise CertssbError(f"sigma must be finite and > 0 everywhere (noise levels in [0, 1] pixel units), "
+                           f"got values in [{vals[0]}, {vals[1]}]; check the sigma file / settings")
+    if x.numel() and vals[-1] != 1.0:
+        raise CertssbError("x contains NaN or Inf values; check the input images (floats in [0, 1])")
+
+
 def noisy_copies(x: torch.Tensor, sigma: torch.Tensor | float, *, seed: int, stream: int,
                  models: Sequence[int] | torch.Tensor, ids: torch.Tensor | None,
-                 backend: str | None = None) -> torch.Tensor:
+                 backend: str | None = None, check: bool = True) -> torch.Tensor:
     """out[k, j] = x[j] + sigma[j] * eps(seed, stream, models[k], ids[j], :) for a block of models.
 
-    x: [B, ...]; sigma: a float or [B]; models: K model indices (the `a` word);
-    ids: [B] sample indices (the `b` word), or None for b = 0 shared by every
-    input (the TEST stream). Returns [K, B, ...] in x's dtype. Differentiable in
-    x and sigma (the noise itself is a constant).
+    x: [B, ...] floating, finite; sigma: a float or [B], finite and > 0; models: K model
+    indices (the `a` word); ids: [B] sample indices (the `b` word), or None for b = 0
+    shared by every input (the TEST stream). Returns [K, B, ...] in x's dtype.
+    Differentiable in x and sigma (the noise itself is a constant).
 
     backend: "kernels" (the fused native op, one call per run of consecutive model
     indices), "reference" (this module's pure PyTorch), or None for
     `certssb.kernels.current_backend()`. Both give the same numbers (to 1e-6).
+    check: validate x and sigma values (`check_noise_inputs`, one GPU sync); hot loops
+    that validated them once up front pass False. Raises CertssbError on bad input.
+
+    Example::
+
+        out = noisy_copies(torch.rand(8, 1, 8, 8), 0.25, seed=0, stream=int(Stream.TEST),
+                           models=[0, 1, 2], ids=None)   # [3, 8, 1, 8, 8]
     """
     from .kernels import use_kernels  # late: kernels imports this package's _ops
 
+    if check:
+        check_noise_inputs(x, sigma)
     if use_kernels(backend, x.device) and x.dim() >= 1 and x.is_floating_point():
         return _noisy_copies_kernel(x, sigma, seed=seed, stream=stream, models=models, ids=ids)
     B = x.shape[0]
@@ -206,6 +247,6 @@ def _noisy_copies_kernel(x: torch.Tensor, sigma: torch.Tensor | float, *, seed: 
             runs.append((k, 1))
     if not runs:
         return x.new_empty((0, *x.shape))
-    parts = [noise(x, sig, ids_t, seed=_check_seed(seed), stream=int(stream), k0=k0, models=n)
+    parts = [noise(x, sig, ids_t, seed=_check_seed(seed), stream=int(stream), k0=k0, models=n, check=False)
              for k0, n in runs]
     return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -26,18 +26,18 @@ from .config import RunConfig, resolve_device
 from .data import load_task
 from .distributed import Dist, all_reduce_votes
 from .ensemble import EnsembleDir, EnsembleSpec
-from .errors import CertssbError
+from .errors import CertssbError, CheckpointError
 from .fileio import atomic_write_json, atomic_write_text, load_tensors, read_json, save_tensors
 from .kernels import using_backend
 from .models import build_model, default_arch
 from .noise import Stream, normal, sample_ids
 from .regions import RegionStore
+from .rundir import RUN_FORMAT, check_compatible
+from .runlock import run_lock
 from .report import format_table, plot_certified_accuracy, split_metrics, write_certificates_csv
 from .seeding import derive_seed, generator
 from .sigma import SigmaSearch, optimize_sigma, sigma_stats
 from .training import Schedule, predict, train_classifier
-
-RUN_FORMAT = 1
 
 
 def _version() -> str:
@@ -163,10 +163,11 @@ def stage_sigma(p: Prepared, out: Path, progress: bool, log) -> tuple[dict[str, 
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}
             if meta.get("fingerprint") == fp:
+                sig = load_sigma(path, _sigma_sizes(p))  # checksum and values verified
                 log("sigma: reused")
-                return load_tensors(path), float(meta.get("seconds", 0.0))
-        except Exception:
-            pass  # unreadable: recompute
+                return sig, float(meta.get("seconds", 0.0))
+        except Exception as e:  # unreadable, damaged or invalid: never used, recomputed
+            log(f"sigma: {path} is unusable ({e}); recomputing it")
     t0 = time.perf_counter()
     base = _new_model(p, "base")
     x, y = p.poisoned.x, p.poisoned.y
@@ -324,14 +325,20 @@ def run(config: RunConfig | dict, *, train: bool = True, certify: bool = True, p
     (`certssb grid` certifies each bound into its own folder).
     """
     cfg = RunConfig.from_dict(config) if isinstance(config, dict) else config
+    if not isinstance(cfg, RunConfig):
+        raise CertssbError(f"config must be a RunConfig or a dict of its fields, got {type(cfg).__name__}")
     cfg = cfg.resolve()
     dist = Dist.from_env()  # under torchrun: rank 0 writes the results, every rank trains and votes
     if not dist.is_main:
         log, progress = (lambda s: None), False
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    with using_backend(cfg.backend):  # every noise draw, vote and radius of this run
-        return _run(cfg, dist, train=train, certify=certify, progress=progress, log=log, regions=regions,
-                    results=Path(results_dir) if results_dir is not None else Path(cfg.out))
+    command = "certssb " + ("certify" if not train else "run" if certify else "train")
+    # one writer per run directory (rank 0 under torchrun), and never one of another format
+    with run_lock(cfg.out, command, enabled=dist.is_main):
+        check_compatible(cfg.out)
+        with using_backend(cfg.backend):  # every noise draw, vote and radius of this run
+            return _run(cfg, dist, train=train, certify=certify, progress=progress, log=log, regions=regions,
+                        results=Path(results_dir) if results_dir is not None else Path(cfg.out))
 
 
 def _run(cfg: RunConfig, dist: Dist, *, train: bool, certify: bool, progress: bool,
@@ -374,7 +381,7 @@ def _run(cfg: RunConfig, dist: Dist, *, train: bool, certify: bool, progress: bo
         if train and dist.is_main:
             sigma, sigma_seconds = stage_sigma(p, out, progress, log)
         elif dist.is_main:
-            sigma = load_tensors(out / "sigma.safetensors")
+            sigma = load_sigma(out / "sigma.safetensors", _sigma_sizes(p))
         sigma = dist.broadcast_tensors(sigma, ("train", "clean", "triggered"))  # rank 0's, everywhere
     n_train = p.poisoned.x.shape[0]
     for method in cfg.methods:
@@ -436,3 +443,28 @@ def _saved_no_defense(out: Path) -> dict:
     if not path.exists():
         raise CertssbError(f"{out} has no trained run (no_defense.json missing); run `certssb train` first")
     return read_json(path)["metrics"]
+
+
+def _sigma_sizes(p: Prepared) -> dict[str, int]:
+    return {"train": int(p.poisoned.x.shape[0]), "clean": int(p.task.x_test.shape[0]),
+            "triggered": int(p.triggered.x.shape[0])}
+
+
+def load_sigma(path: Path, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
+    """The sigma vectors of a run (sigma.safetensors), verified: checksum, one [n] float vector per
+    split of `sizes` ({"train": n, ...}), every value finite and > 0. CheckpointError otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing: this run has no Cert-SSB noise levels yet; run "
+                              "`certssb train` (or `run`) with the same settings first")
+    sig = load_tensors(path)
+    for split, n in sizes.items():
+        v = sig.get(split)
+        if v is None or not v.is_floating_point() or tuple(v.shape) != (n,):
+            got = "missing" if v is None else f"{v.dtype} {list(v.shape)}"
+            raise CheckpointError(f"{path}: sigma of split {split!r} is {got}, expected float [{n}]; the "
+                                  "file belongs to another run or is damaged: delete it and rerun `certssb train`")
+        if n and not bool((torch.isfinite(v) & (v > 0)).all()):
+            raise CheckpointError(f"{path}: sigma of split {split!r} holds values that are not finite and > 0; "
+                                  "the file is damaged: delete it and rerun `certssb train`")
+    return sig

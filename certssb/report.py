@@ -94,25 +94,56 @@ def write_certificates_csv(path: str | Path, rows: Mapping[str, torch.Tensor],
     atomic_write_text(path, buf.getvalue())
 
 
+# Columns every certificate CSV must fill; "target" only on triggered splits.
+REQUIRED_COLUMNS = ("idx", "label", "predict", "radius", "abstain", "predict_raw", "radius_raw",
+                    "radius_conservative", "region_update")
+
+
 def read_certificates_csv(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Inverse of write_certificates_csv (float columns as float64, the rest int64/bool)."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        records = list(reader)
+    """Inverse of write_certificates_csv (float columns as float64, the rest int64/bool).
+
+    A file that lacks a required column, holds a cell that is not a number, or a
+    non-finite or negative radius raises CheckpointError (rerun `certssb certify`)."""
+    from .errors import CheckpointError
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path} is damaged ({why}); rerun `certssb certify --out "
+                               f"{Path(path).parent}` to rewrite it")
+
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            records = list(reader)
+            header = reader.fieldnames or []
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; rerun `certssb certify --out {Path(path).parent}`") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise bad(f"not a readable CSV: {e}") from None
+    missing = [k for k in REQUIRED_COLUMNS if k not in header]
+    if missing:
+        raise bad(f"columns {missing} are missing")
     floats = ("radius", "sigma", "pA_lower", "pB_upper", "radius_conservative", "radius_raw")
     rows: dict[str, torch.Tensor] = {}
     for k in CSV_COLUMNS:
         if k in ("region_update", "correct"):
             continue
-        vals = [r.get(k, "") for r in records]
+        vals = [r.get(k) or "" for r in records]
         if any(v == "" for v in vals):
+            if k in REQUIRED_COLUMNS:
+                raise bad(f"column {k!r} has empty cells (a truncated row?)")
             continue
-        if k in floats:
-            rows[k] = torch.tensor([float(v) for v in vals], dtype=torch.float64)
-        elif k == "abstain":
-            rows[k] = torch.tensor([int(v) for v in vals], dtype=torch.bool)
-        else:
-            rows[k] = torch.tensor([int(v) for v in vals], dtype=torch.int64)
+        try:
+            if k in floats:
+                rows[k] = torch.tensor([float(v) for v in vals], dtype=torch.float64)
+            elif k == "abstain":
+                rows[k] = torch.tensor([int(v) for v in vals], dtype=torch.bool)
+            else:
+                rows[k] = torch.tensor([int(v) for v in vals], dtype=torch.int64)
+        except ValueError:
+            raise bad(f"column {k!r} holds a value that is not a number") from None
+    for k in ("radius", "radius_raw", "radius_conservative"):
+        if k in rows and rows[k].numel() and not bool((torch.isfinite(rows[k]) & (rows[k] >= 0)).all()):
+            raise bad(f"column {k!r} holds a radius that is not finite and >= 0")
     return rows, [r["region_update"] for r in records]
 
 
@@ -202,7 +233,8 @@ def plot_certified_accuracy(summary: Mapping, path: str | Path) -> None:
         ax.set_xlabel("L2 radius")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("certified accuracy")
-    axes[1].legend(fontsize=7, loc="upper right")
+    if axes[1].get_legend_handles_labels()[0]:  # a summary without methods has no lines
+        axes[1].legend(fontsize=7, loc="upper right")
     ds = summary.get("dataset", {})
     att = summary.get("attack", {})
     fig.suptitle(f"{ds.get('name')} {ds.get('class_names') or ''}, trigger {att.get('trigger')} "
@@ -216,25 +248,58 @@ def plot_certified_accuracy(summary: Mapping, path: str | Path) -> None:
 
 def regenerate(run_dir: str | Path, radii: Sequence[float] | None = None) -> dict:
     """Recompute metrics from a run's certificate CSVs (optionally at new radii); rewrite
-    summary.json, table.txt and the plot. Returns the updated summary."""
-    import json
+    summary.json, table.txt and the plot. Returns the updated summary.
 
+    Holds the run directory's lock (`certssb.runlock`) and refuses a directory of another
+    format (`certssb.rundir`); damaged CSVs or summary raise CheckpointError."""
     from .errors import CertssbError
-    from .fileio import atomic_write_json, read_json
+    from .rundir import check_compatible
+    from .runlock import run_lock
 
     run_dir = Path(run_dir)
     if not (run_dir / "summary.json").exists():
         raise CertssbError(f"{run_dir} has no summary.json; run `certssb run` or `certssb certify` first")
+    if radii is not None:
+        radii = list(radii)
+        if not radii or any(isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r)
+                            or r < 0 for r in radii):
+            raise CertssbError(f"radii must be non-negative finite numbers, got {radii}")
+    with run_lock(run_dir, "certssb report"):
+        check_compatible(run_dir)
+        return _regenerate(run_dir, radii)
+
+
+def _regenerate(run_dir: Path, radii: Sequence[float] | None) -> dict:
+    import json
+
+    from .errors import CheckpointError, CertssbError
+    from .fileio import atomic_write_json, read_json, safe_child
+
     summary = read_json(run_dir / "summary.json")
-    radii = list(radii) if radii is not None else [float(r) for r in summary["config"]["radii"]]
+    if (not isinstance(summary, dict) or not isinstance(summary.get("config"), dict)
+            or not isinstance(summary.get("methods", {}), dict)):
+        raise CheckpointError(f"{run_dir / 'summary.json'} is not a certssb summary; rerun "
+                              f"`certssb certify --out {run_dir}` to rewrite it")
+    if radii is None:
+        try:
+            radii = [float(r) for r in summary["config"]["radii"]]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{run_dir / 'summary.json'} has no valid config.radii; pass --radii") from None
     for method, m in summary.get("methods", {}).items():
+        if not isinstance(m, dict):
+            raise CheckpointError(f"{run_dir / 'summary.json'}: entry of method {method!r} is not an object; "
+                                  f"rerun `certssb certify --out {run_dir}`")
         applied = m.get("storage_update", {}).get("applied", False)
         conservative = m.get("mode") == "paper"
         for split in ("clean", "triggered"):
-            path = run_dir / f"certificates-{method}-{split}.csv"
+            # the method name comes from a file: it may not lead outside the run directory
+            path = safe_child(run_dir, f"certificates-{method}-{split}.csv", source=run_dir / "summary.json")
             if not path.exists():
                 raise CertssbError(f"{path} is missing; rerun `certssb certify --out {run_dir}`")
             rows, _ = read_certificates_csv(path)
+            if split == "triggered" and "target" not in rows:
+                raise CheckpointError(f"{path} is damaged (no 'target' column); rerun "
+                                      f"`certssb certify --out {run_dir}`")
             kw = dict(triggered=split == "triggered", conservative=conservative)
             with_u = split_metrics(rows, radii, use_update=True, **kw)
             without = split_metrics(rows, radii, use_update=False, **kw)

@@ -12,6 +12,7 @@ ascending the sum. Method "rab" skips this stage.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,13 @@ class SigmaSearch:
     prob_clamp: tuple[float, float] = (0.02, 0.98)
 
     def validate(self) -> None:
+        """Raise CertssbError naming the bad setting: sigmas must be finite with
+        0 < sigma_min <= sigma0 <= sigma_max, lr finite and > 0, steps >= 0, draws >= 1."""
+        for name in ("sigma0", "sigma_min", "sigma_max", "lr"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise CertssbError(f"sigma search: {name} must be a finite number > 0, got {v!r}; "
+                                   f"adjust --{name.replace('_', '-').replace('lr', 'sigma-lr')}")
         if not (0 < self.sigma_min <= self.sigma0 <= self.sigma_max):
             raise CertssbError(
                 f"need 0 < sigma_min <= sigma0 <= sigma_max, got sigma_min={self.sigma_min}, "
@@ -64,6 +72,14 @@ def optimize_sigma(model: nn.Module, x: torch.Tensor, ids: torch.Tensor, search:
     `progress`: optional tqdm bar advanced by the number of samples done.
     """
     search.validate()
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise CertssbError("x must be a float tensor of images [N, C, H, W]")
+    if not isinstance(ids, torch.Tensor) or tuple(ids.shape) != (x.shape[0],):
+        raise CertssbError(f"ids must be a tensor of shape [{x.shape[0]}] (one SIGMA-stream id per sample)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise CertssbError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise CertssbError("x contains NaN or Inf values; pass images as floats in [0, 1]")
     device = torch.device(device)
     model.to(memory_format=memory_format(x)).eval()
     for p in model.parameters():

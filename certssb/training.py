@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CertssbError
-from .noise import Stream, noisy_copies
+from .noise import Stream, check_noise_inputs, noisy_copies
 from .seeding import generator
 from .vectorized import GroupedModel, activation_floats
 
@@ -151,7 +151,7 @@ class GroupNoise:
         xb = self.x[idx].to(self.device, non_blocking=True)
         sb = self.sigma[idx].to(self.device, non_blocking=True)
         noisy = noisy_copies(xb, sb, seed=self.seed, stream=int(Stream.TRAIN), models=self.models,
-                             ids=idx.to(self.device))  # [Mc, b, C, H, W]
+                             ids=idx.to(self.device), check=False)  # [Mc, b, C, H, W]; checked in train_group
         b = xb.shape[0]
         return noisy.transpose(0, 1).reshape(b, len(self.models) * xb.shape[1], *xb.shape[2:])
 
@@ -260,6 +260,7 @@ def train_group(group: GroupedModel, x: torch.Tensor, y: torch.Tensor, sigma: to
     if y.shape != (x.shape[0],) or sigma.shape != (x.shape[0],):
         raise CertssbError(f"x [N, ...], y [N] and sigma [N] must agree in N, got {list(x.shape)}, "
                            f"{list(y.shape)}, {list(sigma.shape)}")
+    check_noise_inputs(x, sigma)  # once here: the per-batch draws skip the value checks
     if chunk is None:
         chunk = default_chunk(group._template, mc, tuple(x.shape[1:]), schedule.batch_size, device)
     parts = group.split(chunk) if chunk < mc else [group]

@@ -294,7 +294,8 @@ def test_poison_errors() -> None:
     trig = make_trigger("onepixel", 0.2, MNIST)
     kw = dict(target=0, all_to_all=False, num_classes=2, seed=0)
     with pytest.raises(CertssbError, match=r"poison rate 0.0001 of 1347 training samples selects "
-                                           r"no sample; use a rate of at least 1/1347"):
+                                           r"no sample .* the smallest rate that works is just above "
+                                           r"0.5/1347 = 0.000371: use e.g. a rate of 0.000742 \(1/1347: one sample\)"):
         poison_training_set(x, y, trig, rate=0.0001, **kw)
     for rate in (0.0, 1.0, -0.1, 1.5, float("nan")):
         with pytest.raises(CertssbError, match=r"poison rate must be in \(0, 1\)"):

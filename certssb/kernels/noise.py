@@ -53,7 +53,7 @@ torch.library.register_autograd("certssb::noise", _backward, setup_context=_setu
 
 
 def noise(x: Tensor, sigma: Tensor, ids: Tensor, *, seed: int, stream: int, k0: int,
-          models: int) -> Tensor:
+          models: int, check: bool = True) -> Tensor:
     """Noisy copies of x for the models k0 .. k0 + models - 1, by the native kernel.
 
     out[k, b, ...] = x[b] + sigma[b] * eps(seed, stream, k0 + k, ids[b], ...), eps cast to
@@ -65,6 +65,8 @@ def noise(x: Tensor, sigma: Tensor, ids: Tensor, *, seed: int, stream: int, k0: 
         ids: [B] int64 sample indices in [0, 2^32) (the `b` word; zeros for the TEST stream).
         seed: integer in [0, 2^64); stream: a `certssb.noise.Stream` value;
         k0, models: the block of model indices (the `a` word), k0 + models - 1 < 2^32.
+        check: also check values (x finite, sigma finite and > 0: one GPU sync); callers that
+            validated them already (`certssb.noise.noisy_copies`) pass False.
     Returns:
         [models, B, ...] in x's dtype. Differentiable in x and sigma.
 
@@ -92,6 +94,9 @@ def noise(x: Tensor, sigma: Tensor, ids: Tensor, *, seed: int, stream: int, k0: 
             raise CertssbError(f"{name} must be an integer >= 0, got {v!r}")
     if stream > _U32 or k0 + max(models, 1) - 1 > _U32:
         raise CertssbError("stream and the model indices k0 .. k0 + models - 1 must lie in [0, 2^32)")
+    if check:
+        from ..noise import check_noise_inputs  # late: certssb.noise imports this module lazily too
+        check_noise_inputs(x, sigma)
     return torch.ops.certssb.noise(x, sigma, ids, seed_to_int64(seed), int(stream), int(k0),
                                    int(models))
 
