@@ -21,12 +21,19 @@ from .bounds import BOUNDS, certified_radius, conservative_radius, pa_lower, top
 from .errors import CertssbError
 from .kernels import use_kernels
 from .kernels.radius import certify_radius
-from .kernels.vote import UNITS_PER_ONE, reference_accumulate, vote_accumulate, vote_top2
+from .kernels.vote import MAX_MODELS, UNITS_PER_ONE, reference_accumulate, vote_accumulate, vote_top2
 from .noise import Stream, noisy_copies
 from .training import default_chunk, memory_format
 from .vectorized import GroupedModel
 
 MODES = ("rab", "paper")
+
+
+def _check_capacity(models: int) -> None:
+    """Refuse more models than the int64 soft accumulators can sum without wrapping around."""
+    if models > MAX_MODELS:
+        raise CertssbError(f"{models} models exceed the {MAX_MODELS} that the int64 vote accumulators can "
+                           "sum exactly; certify at most that many models per Votes")
 
 
 @dataclass
@@ -65,6 +72,7 @@ class Votes:
             shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise CertssbError(f"logits must have shape [Mc, {self.soft_units.shape[0]}, "
                                f"{self.soft_units.shape[1]}], got {shape}")
+        _check_capacity(self.models + logits.shape[0])
         logits = logits.detach().to(self.soft_units.device)
         if use_kernels(backend, logits.device):
             vote_accumulate(logits, self.soft_units, self.hard_count)
@@ -73,6 +81,7 @@ class Votes:
         self.models += logits.shape[0]
 
     def merge(self, other: "Votes") -> None:
+        _check_capacity(self.models + other.models)
         self.soft_units += other.soft_units.to(self.soft_units.device)
         self.hard_count += other.hard_count.to(self.hard_count.device)
         self.models += other.models
@@ -142,6 +151,7 @@ def collect_votes(models: Iterable, x: torch.Tensor, sigma: torch.Tensor, *, see
                                            f"expected {num_classes}")
                     add_logits_rows(votes, logits.float(), start)
         votes.models += len(ks)
+        _check_capacity(votes.models)
         if progress is not None:
             progress.update(len(ks))
     return votes
@@ -210,6 +220,7 @@ def certify_votes(votes: Votes, sigma: torch.Tensor, *, bound: str = "hoeffding"
         raise CertssbError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if votes.models < 1:
         raise CertssbError("no model votes were collected; an ensemble needs at least one model")
+    _check_capacity(votes.models)
     m = votes.models
     c = votes.soft_units.shape[1]
     by_count = bound == "clopper-pearson"
