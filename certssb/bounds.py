@@ -27,6 +27,7 @@ from .errors import CertssbError
 __all__ = [
     "BOUNDS",
     "PA_MAX",
+    "SIGMA_MAX",
     "phi_inv",
     "hoeffding_lower",
     "clopper_pearson_lower",
@@ -44,6 +45,11 @@ BOUNDS = ("hoeffding", "clopper-pearson")
 # Clopper-Pearson cannot return 1 but a caller might) gives a finite radius:
 # PhiInv(1 - 1e-12) ~= 7.034, i.e. the radius is capped at about 7.03 * sigma.
 PA_MAX = 1.0 - 1e-12
+
+# Largest accepted noise level. A radius is at most ~7.03 * sigma (PA_MAX above), so this keeps
+# every radius finite in float64 (sigma = 1.7e308 gave radius = inf). sigma is in [0, 1] pixel
+# units: anything near this bound is a unit mistake, not a noise level.
+SIGMA_MAX = 1e300
 
 # Soft scores are means of float32 softmax outputs: allow this much rounding above 1 / below 0.
 _SCORE_TOL = 1e-6
@@ -75,9 +81,11 @@ def _as_tensor(x: Tensor | float, name: str) -> Tensor:
 
 def _check_sigma(sigma: Tensor | float, name: str = "sigma") -> Tensor:
     sigma = _as_tensor(sigma, name)
-    if sigma.numel() and not bool(torch.isfinite(sigma).all() and (sigma > 0).all()):
-        raise CertssbError(f"{name} must be finite and > 0 everywhere (noise levels in [0, 1] pixel "
-                           f"units), got min {sigma.min().item()!r}; check the sigma file / settings")
+    # in float64: SIGMA_MAX as a float32 scalar would be inf
+    if sigma.numel() and not bool(((sigma > 0) & (sigma.to(torch.float64) <= SIGMA_MAX)).all()):  # NaN fails
+        raise CertssbError(f"{name} must be finite and > 0 everywhere, at most {SIGMA_MAX:g} (noise levels "
+                           f"in [0, 1] pixel units), got min {sigma.min().item()!r}, max "
+                           f"{sigma.max().item()!r}; check the sigma file / settings")
     return sigma
 
 
@@ -151,14 +159,37 @@ def clopper_pearson_lower(k: Tensor, m: int, alpha: float) -> Tensor:
     """
     m = _check_m(m)
     alpha = _check_alpha(alpha)
-    k = _check_counts(k, m, "k")
+    return _clopper_pearson_level(_check_counts(k, m, "k"), m, alpha)
+
+
+def _clopper_pearson_level(k: Tensor, m: int, level: float) -> Tensor:
+    """`clopper_pearson_lower` at a checked level in [0, 1) (0: alpha / C underflowed; bound 0)."""
     kn = k.detach().to(device="cpu", dtype=torch.float64).numpy()
     out = np.zeros_like(kn)
     pos = kn > 0
-    if pos.any():
-        # I_x(a, b) = alpha solved for x: the alpha quantile of Beta(a, b).
-        out[pos] = scipy.special.betaincinv(kn[pos], m - kn[pos] + 1.0, alpha)
+    if pos.any() and level > 0:
+        # I_x(a, b) = level solved for x: the level quantile of Beta(a, b).
+        a, b = kn[pos], m - kn[pos] + 1.0
+        q = scipy.special.betaincinv(a, b, level)
+        bad = ~((q >= 0) & (q <= 1))  # SciPy gives NaN for tiny levels (Beta(3, 3) at 1e-108)
+        if bad.any():
+            q[bad] = _beta_quantile_bisect(a[bad], b[bad], level)
+        out[pos] = q
     return torch.from_numpy(out).to(k.device)
+
+
+def _beta_quantile_bisect(a: np.ndarray, b: np.ndarray, level: float) -> np.ndarray:
+    """The level quantile of Beta(a, b) by bisection on ln x with SciPy's betainc (accurate down
+    to subnormal results), for the levels where betaincinv fails. Returns the lower end of the
+    final bracket (never above the quantile, so the bound stays valid); ~1e-20 relative."""
+    lo = np.full(a.shape, math.log(5e-324))
+    hi = np.zeros(a.shape)
+    for _ in range(90):  # a bracket of width 745 in ln x, halved to ~6e-25
+        mid = 0.5 * (lo + hi)
+        below = scipy.special.betainc(a, b, np.exp(mid)) < level
+        lo = np.where(below, mid, lo)
+        hi = np.where(below, hi, mid)
+    return np.exp(lo)
 
 
 def pa_lower(bound: str, *, top_score: Tensor | None = None, top_count: Tensor | None = None,
@@ -184,7 +215,10 @@ def pa_lower(bound: str, *, top_score: Tensor | None = None, top_count: Tensor |
         return hoeffding_lower(top_score, m, alpha)
     if top_count is None:
         raise CertssbError("bound 'clopper-pearson' needs top_count (the vote count of the top class)")
-    return clopper_pearson_lower(top_count, m, alpha / int(num_classes))
+    m = _check_m(m)
+    # alpha / C may underflow to 0 for a subnormal alpha: the quantile at level 0 is 0, as the kernel
+    # gives (clopper_pearson_lower itself would refuse alpha = 0 with a confusing message).
+    return _clopper_pearson_level(_check_counts(top_count, m, "top_count"), m, alpha / int(num_classes))
 
 
 # ----------------------------------------------------------------------------- radii
@@ -199,7 +233,7 @@ def certified_radius(pa_lower: Tensor, sigma: Tensor | float) -> tuple[Tensor, T
 
     Args:
         pa_lower: values in [0, 1], any shape.
-        sigma: noise level(s) > 0, broadcastable to pa_lower.
+        sigma: noise level(s) in (0, SIGMA_MAX], broadcastable to pa_lower.
     Returns:
         (radius, pb_upper, abstain): float64, float64, bool, of the broadcast shape.
     """
@@ -209,7 +243,9 @@ def certified_radius(pa_lower: Tensor, sigma: Tensor | float) -> tuple[Tensor, T
     pb_upper = 1.0 - pa
     abstain = pa <= 0.5
     pa_c = pa.clamp(0.5, PA_MAX)
-    radius = sigma / 2.0 * (phi_inv(pa_c) - phi_inv(1.0 - pa_c))
+    # sigma * rho with rho = (PhiInv(pa) - PhiInv(1 - pa)) / 2, in this order (as the kernels):
+    # sigma / 2 would lose the last bits of a subnormal sigma.
+    radius = sigma * ((phi_inv(pa_c) - phi_inv(1.0 - pa_c)) / 2.0)
     radius = torch.where(abstain, torch.zeros_like(radius), radius)
     return radius, pb_upper, abstain
 

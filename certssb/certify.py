@@ -22,8 +22,13 @@ from .bounds import BOUNDS, _check_alpha, certified_radius, conservative_radius,
 from .errors import CertssbError
 from .kernels import use_kernels
 from .kernels.radius import certify_radius
+<<<<<<< HEAD
 from .kernels.vote import UNITS_PER_ONE, reference_accumulate, vote_accumulate, vote_top2
 from .noise import Stream, check_noise_inputs, noisy_copies
+=======
+from .kernels.vote import MAX_MODELS, UNITS_PER_ONE, reference_accumulate, vote_accumulate, vote_top2
+from .noise import Stream, noisy_copies
+>>>>>>> soundness
 from .training import default_chunk, memory_format
 from .vectorized import GroupedModel
 
@@ -38,6 +43,13 @@ def _check_positive_int(v: object, name: str, minimum: int) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
         raise CertssbError(f"{name} must be an integer >= {minimum}, got {v!r}")
     return v
+
+
+def _check_capacity(models: int) -> None:
+    """Refuse more models than the int64 soft accumulators can sum without wrapping around."""
+    if models > MAX_MODELS:
+        raise CertssbError(f"{models} models exceed the {MAX_MODELS} that the int64 vote accumulators can "
+                           "sum exactly; certify at most that many models per Votes")
 
 
 @dataclass
@@ -76,6 +88,7 @@ class Votes:
             shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise CertssbError(f"logits must have shape [Mc, {self.soft_units.shape[0]}, "
                                f"{self.soft_units.shape[1]}], got {shape}")
+        _check_capacity(self.models + logits.shape[0])
         logits = logits.detach().to(self.soft_units.device)
         if use_kernels(backend, logits.device):
             vote_accumulate(logits, self.soft_units, self.hard_count)
@@ -84,6 +97,7 @@ class Votes:
         self.models += logits.shape[0]
 
     def merge(self, other: "Votes") -> None:
+        _check_capacity(self.models + other.models)
         self.soft_units += other.soft_units.to(self.soft_units.device)
         self.hard_count += other.hard_count.to(self.hard_count.device)
         self.models += other.models
@@ -158,6 +172,7 @@ def collect_votes(models: Iterable, x: torch.Tensor, sigma: torch.Tensor, *, see
                                            f"expected {num_classes}")
                     add_logits_rows(votes, logits.float(), start)
         votes.models += len(ks)
+        _check_capacity(votes.models)
         if progress is not None:
             progress.update(len(ks))
     return votes
@@ -227,6 +242,7 @@ def certify_votes(votes: Votes, sigma: torch.Tensor, *, bound: str = "hoeffding"
     if not isinstance(votes, Votes):
         raise CertssbError(f"votes must be a Votes (from collect_votes), got {type(votes).__name__}")
     if votes.models < 1:
+<<<<<<< HEAD
         raise CertssbError("no model votes were collected; an ensemble needs at least one model (M >= 1)")
     _check_alpha(alpha)
     b = votes.soft_units.shape[0]
@@ -239,6 +255,10 @@ def certify_votes(votes: Votes, sigma: torch.Tensor, *, bound: str = "hoeffding"
     if mode == "paper" and sigma_train_min is not None and not (
             isinstance(sigma_train_min, (int, float)) and math.isfinite(sigma_train_min) and sigma_train_min > 0):
         raise CertssbError(f"sigma_train_min must be finite and > 0, got {sigma_train_min!r}")
+=======
+        raise CertssbError("no model votes were collected; an ensemble needs at least one model")
+    _check_capacity(votes.models)
+>>>>>>> soundness
     m = votes.models
     c = votes.soft_units.shape[1]
     by_count = bound == "clopper-pearson"

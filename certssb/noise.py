@@ -245,8 +245,8 @@ def _noisy_copies_kernel(x: torch.Tensor, sigma: torch.Tensor | float, *, seed: 
             runs[-1] = (runs[-1][0], runs[-1][1] + 1)
         else:
             runs.append((k, 1))
-    if not runs:
-        return x.new_empty((0, *x.shape))
+    if not runs:  # no models: still through the op, so the empty output stays on the autograd graph
+        return noise(x, sig, ids_t, seed=_check_seed(seed), stream=int(stream), k0=0, models=0, check=False)
     parts = [noise(x, sig, ids_t, seed=_check_seed(seed), stream=int(stream), k0=k0, models=n, check=False)
              for k0, n in runs]
     return parts[0] if len(parts) == 1 else torch.cat(parts)

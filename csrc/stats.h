@@ -57,6 +57,9 @@ namespace stats {
 // pA_lower is clamped to at most this before PhiInv (bounds.PA_MAX): a
 // unanimous vote then gives the finite radius PhiInv(1 - 1e-12) * sigma.
 constexpr double kPaMax = 1.0 - 1e-12;
+// Largest accepted sigma (bounds.SIGMA_MAX): the radius, at most ~7.03 sigma,
+// stays finite (sigma = 1.7e308 gave an infinite radius).
+constexpr double kSigmaMax = 1e300;
 constexpr double kSqrt2Pi = 2.50662827463100050242;       // sqrt(2 pi)
 constexpr double kHalfLog2Pi = 0.91893853320467274178;    // ln(2 pi) / 2
 constexpr double kSqrtHalf = 0.70710678118654752440;      // 1 / sqrt(2)
@@ -229,11 +232,20 @@ CERTSSB_HOST_DEVICE inline BetaNorm make_beta_norm(double a, double b) {
 // because the first-order terms a d / x0 - b d / y0 cancel exactly. The terms
 // left are O(a d^2), so the exponent keeps an absolute precision near 1e-16
 // instead of max(a, b) * 1e-16 (which would show in the quantile as 1e-15).
+// Far below x0 (x < x0 / 2, where the first-order terms no longer nearly
+// cancel) 1 + d / x0 = x / x0 would keep only the absolute precision 1e-16 of
+// d / x0, which for x / x0 = 1e-10 is a relative error 1e-6 in the logarithm
+// (the tail quantiles of tiny levels): there ln(x / x0) - d / x0 is used,
+// from the exact x; likewise for y.
 CERTSSB_HOST_DEVICE inline double log_beta_prefactor(const BetaNorm& n,
                                                      double x, double y) {
   if (n.stirling) {
     const double d = x <= 0.5 ? x - n.x0 : n.y0 - y;
-    return n.a * log1pmx(d / n.x0) + n.b * log1pmx(-d / n.y0) + n.c;
+    const double ta = d / n.x0;   // < -1/2 only where x < x0 / 2 <= 1/2: x exact
+    const double tb = -d / n.y0;  // < -1/2 only where y < y0 / 2 <= 1/2: y exact
+    const double la = ta < -0.5 ? log(x / n.x0) - ta : log1pmx(ta);
+    const double lb = tb < -0.5 ? log(y / n.y0) - tb : log1pmx(tb);
+    return n.a * la + n.b * lb + n.c;
   }
   const double lx = x <= 0.5 ? log(x) : log1p(-y);
   const double ly = y <= 0.5 ? log(y) : log1p(-x);
@@ -360,21 +372,23 @@ CERTSSB_HOST_DEVICE inline UnitPoint unit_from_y(double y) {
   return UnitPoint{1.0 - y, y};
 }
 
-// A point strictly between lo and hi (lo.x < hi.x), halving the bracket in
-// the coordinate that is small there, geometrically across orders of magnitude.
+// The smallest positive double: the lower end of a geometric bisection whose
+// bracket still starts at 0.
+constexpr double kTinyPositive = 4.9406564584124654e-324;
+
+// A point between lo and hi (lo.x < hi.x), halving the bracket in the
+// coordinate that is small there, geometrically across orders of magnitude
+// (an end at 0 counts as the smallest positive double, so that a quantile of
+// 1e-150 is reached in ~10 halvings of its exponent, not ~250 quarterings).
+// sqrt(l) * sqrt(h) cannot underflow to 0 as sqrt(l * h) could.
+CERTSSB_HOST_DEVICE inline double geometric_mid(double l, double h) {
+  const double lp = l > 0.0 ? l : kTinyPositive;
+  return h > 4.0 * lp ? sqrt(lp) * sqrt(h) : 0.5 * (l + h);
+}
+
 CERTSSB_HOST_DEVICE inline UnitPoint unit_bisect(UnitPoint lo, UnitPoint hi) {
-  if (hi.x <= 0.5) {
-    const double v = lo.x > 0.0 ? (hi.x > 4.0 * lo.x ? sqrt(lo.x * hi.x)
-                                                     : 0.5 * (lo.x + hi.x))
-                                : 0.25 * hi.x;
-    return unit_from_x(v);
-  }
-  if (lo.y <= 0.5) {
-    const double v = hi.y > 0.0 ? (lo.y > 4.0 * hi.y ? sqrt(lo.y * hi.y)
-                                                     : 0.5 * (lo.y + hi.y))
-                                : 0.25 * lo.y;
-    return unit_from_y(v);
-  }
+  if (hi.x <= 0.5) return unit_from_x(geometric_mid(lo.x, hi.x));
+  if (lo.y <= 0.5) return unit_from_y(geometric_mid(hi.y, lo.y));
   return unit_from_x(0.5);  // the bracket straddles 1/2
 }
 
@@ -382,7 +396,13 @@ CERTSSB_HOST_DEVICE inline UnitPoint unit_bisect(UnitPoint lo, UnitPoint hi) {
 // p in [0, 1] (NaN outside). Closed forms for b = 1 (x = p^(1/a)) and a = 1
 // (x = 1 - (1 - p)^(1/b)); otherwise Halley steps (in whichever of x, 1 - x is
 // below 1/2) safeguarded by a bracket that every evaluation shrinks, until a
-// step is below 4 ulps.
+// step is below 4 ulps. A step that is not below a quarter of the previous
+// move is crawling (from far above a tail quantile, Halley only multiplies x
+// by (a - 1) / (a + 1) per step: 600 steps from 1/2 down to 1e-50 at a = 6)
+// and is replaced by a (geometric) bisection. Should the iteration cap be
+// reached anyway, the lower end of the bracket is returned: I(lo) <= p, so
+// the result is never above the quantile (a lower confidence bound that errs
+// only on the safe side).
 CERTSSB_HOST_DEVICE inline double incbeta_inv(double a, double b, double p) {
   if (!(a > 0.0 && b > 0.0 && p >= 0.0 && p <= 1.0)) return NAN;
   if (p == 0.0) return 0.0;
@@ -395,10 +415,15 @@ CERTSSB_HOST_DEVICE inline double incbeta_inv(double a, double b, double p) {
   if (!(guess > 0.0 && guess < 1.0)) guess = 0.5;
   UnitPoint pt = unit_from_x(guess);
   const BetaNorm norm = make_beta_norm(a, b);
+  double last_move = INFINITY;  // |x change| of the previous iteration
+  bool converged = false;
   for (int iter = 0; iter < 300; ++iter) {
     const IncBeta ib = incbeta_eval(norm, pt.x, pt.y);
     const double f = ib.value - p;
-    if (f == 0.0) break;
+    if (f == 0.0) {
+      converged = true;
+      break;
+    }
     if (f < 0.0) {
       lo = pt;
     } else {
@@ -422,23 +447,29 @@ CERTSSB_HOST_DEVICE inline double incbeta_inv(double a, double b, double p) {
       // fully iterated solves for every k <= m <= 10000).
       if (fabs(step) <= (halley ? kHalleyAccept : 4.0 * kDoubleEps) * scale) {
         pt = next;
+        converged = true;
         break;
       }
-      if (in_y ? (next.y < lo.y && next.y > hi.y)
-               : (next.x > lo.x && next.x < hi.x)) {
+      const bool inside = in_y ? (next.y < lo.y && next.y > hi.y)
+                               : (next.x > lo.x && next.x < hi.x);
+      if (inside && fabs(step) <= 0.25 * last_move) {
+        last_move = fabs(step);
         pt = next;
         continue;
       }
     }
-    // No usable step, or one leaving the bracket: bisect instead, unless the
-    // bracket is already at the rounding level.
+    // No usable step, one leaving the bracket or a crawling one: bisect
+    // instead, unless the bracket is already at the rounding level.
     if (in_y ? !(lo.y - hi.y > 4.0 * kDoubleEps * hi.y)
              : !(hi.x - lo.x > 4.0 * kDoubleEps * lo.x)) {
+      converged = true;
       break;
     }
-    pt = unit_bisect(lo, hi);
+    const UnitPoint mid = unit_bisect(lo, hi);
+    last_move = in_y ? fabs(mid.y - pt.y) : fabs(mid.x - pt.x);
+    pt = mid;
   }
-  return pt.x;
+  return converged ? pt.x : lo.x;
 }
 
 // One-sided Clopper-Pearson lower bound for k successes in m trials at level

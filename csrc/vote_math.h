@@ -8,7 +8,8 @@
 // Soft scores are kept as these fixed-point units: integer sums are exact, so
 // the accumulators do not depend on how the M models are chunked, ordered or
 // sharded over processes. 2^40 keeps ~12 decimal digits of each probability
-// and leaves room for 2^23 models in an int64.
+// and leaves room for 2^23 - 1 models in an int64 (kernels/vote.py MAX_MODELS:
+// 2^23 unanimous models would overflow it).
 #pragma once
 
 #include <math.h>

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import _ops  # noqa: F401  (loads certssb._C, which defines the op schemas)
-from ..bounds import _SCORE_TOL, BOUNDS, _check_alpha, _check_m
+from ..bounds import _SCORE_TOL, BOUNDS, SIGMA_MAX, _check_alpha, _check_m
 from ..errors import CertssbError
 
 __all__ = ["certify_radius", "radius_proxy"]
@@ -145,8 +145,8 @@ def _raise_if(flags: list[bool], messages: list[str]) -> None:
             raise CertssbError(msg)
 
 
-_SIGMA_MSG = ("sigma must be finite and > 0 everywhere (noise levels in [0, 1] pixel units); "
-              "check the sigma file / settings")
+_SIGMA_MSG = (f"sigma must be finite and > 0 everywhere, at most {SIGMA_MAX:g} (noise levels in "
+              "[0, 1] pixel units); check the sigma file / settings")
 
 
 # ----------------------------------------------------------------------------- wrappers
@@ -171,7 +171,8 @@ def certify_radius(top_score: Tensor | None, top_count: Tensor | None, sigma: Te
             over the models. Needed by "hoeffding"; may be None for "clopper-pearson".
         top_count: [B] integer (or integer-valued float): votes of the top class, in
             [0, models]. Needed by "clopper-pearson"; may be None for "hoeffding".
-        sigma: [B] float tensor, or one number / 0-d tensor for the whole batch; > 0.
+        sigma: [B] float tensor, or one number / 0-d tensor for the whole batch; in
+            (0, SIGMA_MAX = 1e300] (so that every radius is finite).
         models: number of models (votes) M >= 1.
         alpha: failure probability in (0, 1).
         num_classes: number of classes C >= 2.
@@ -243,7 +244,7 @@ def certify_radius(top_score: Tensor | None, top_count: Tensor | None, sigma: Te
             main_ok = lo_v >= 0 and hi_v <= models and all(v == 0 for v in values[4:])
             main_msg = (f"top_count must hold integer vote counts in [0, m={models}]; pass the hard "
                         "vote count of the top class out of m models")
-        _raise_if([main_ok, s_lo > 0 and s_hi < math.inf], [main_msg, _SIGMA_MSG])
+        _raise_if([main_ok, s_lo > 0 and s_hi <= SIGMA_MAX], [main_msg, _SIGMA_MSG])
     if top_count.dtype not in _INT_DTYPES:
         top_count = top_count.to(torch.int64)  # integer-valued floats, checked above
     return torch.ops.certssb.radius_certify(top_score, top_count, sigma, models, alpha, num_classes, bound)
@@ -270,7 +271,8 @@ def radius_proxy(mean_probs: Tensor, sigma: Tensor | float,
         not promote), on mean_probs' device; float64 math when that dtype is float64, else
         float32.
     Raises:
-        CertssbError: on a bad shape, dtype, device, clamp, NaN probability or sigma <= 0.
+        CertssbError: on a bad shape, dtype, device, clamp, NaN probability or a sigma
+            outside (0, SIGMA_MAX].
 
     Example:
         >>> p = torch.tensor([[0.7, 0.2, 0.1]], dtype=torch.float64, requires_grad=True)
@@ -299,6 +301,6 @@ def radius_proxy(mean_probs: Tensor, sigma: Tensor | float,
     sigma = _sigma_vector(sigma, n, mean_probs.device)
     if n:
         p_lo, p_hi, s_lo, s_hi = _extremes([mean_probs.detach(), sigma.detach()])
-        _raise_if([not (math.isnan(p_lo) or math.isnan(p_hi)), s_lo > 0 and s_hi < math.inf],
+        _raise_if([not (math.isnan(p_lo) or math.isnan(p_hi)), s_lo > 0 and s_hi <= SIGMA_MAX],
                   ["mean_probs contain NaN; check the model outputs (diverged training?)", _SIGMA_MSG])
     return torch.ops.certssb.radius_proxy(mean_probs, sigma, lo, hi)

@@ -17,6 +17,9 @@ from .. import _ops  # noqa: F401  (loads certssb._C: the op schemas)
 from ..errors import CertssbError
 
 UNITS_PER_ONE = 1 << 40
+# Most models an int64 soft accumulator can sum: each adds at most 2^40 units to an entry, and
+# (2^23 - 1) * 2^40 < 2^63 <= 2^23 * 2^40 (2^23 unanimous models wrap around to a negative sum).
+MAX_MODELS = (2**63 - 1) // UNITS_PER_ONE
 
 
 @torch.library.register_fake("certssb::vote_accumulate")
@@ -88,4 +91,4 @@ def vote_top2(soft_units: Tensor, hard_count: Tensor, *, by_count: bool) -> tupl
     return torch.ops.certssb.vote_top2(soft_units, hard_count, bool(by_count))
 
 
-__all__ = ["UNITS_PER_ONE", "vote_accumulate", "reference_accumulate", "vote_top2", "check_logits"]
+__all__ = ["UNITS_PER_ONE", "MAX_MODELS", "vote_accumulate", "reference_accumulate", "vote_top2", "check_logits"]

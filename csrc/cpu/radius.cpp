@@ -184,9 +184,10 @@ void bad_value(const char* name, int64_t index, double value, const char* what) 
 void check_sigma_values(const double* sigma, int64_t stride, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const double s = sigma[i * stride];
-    if (!(s > 0.0 && s < std::numeric_limits<double>::infinity())) {
+    if (!(s > 0.0 && s <= stats::kSigmaMax)) {  // false on NaN
       bad_value("sigma", i, s,
-                "must be finite and > 0; pass each sample's noise level (check "
+                "must be finite and > 0, at most 1e300 (so that the radius is "
+                "finite); pass each sample's noise level (check "
                 "the sigma file / settings)");
     }
   }

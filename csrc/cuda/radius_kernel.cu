@@ -46,8 +46,9 @@ __device__ __forceinline__ Cert finish(double pa, double sigma) {
   return Cert{1.0 - pa, abstain ? 0.0 : sigma * stats::phi_inv(pa_c), abstain};
 }
 
+// (0, kSigmaMax], as the CPU kernel: false on NaN; keeps the radius finite.
 __device__ __forceinline__ bool valid_sigma(double s) {
-  return s > 0.0 && s < INFINITY;
+  return s > 0.0 && s <= stats::kSigmaMax;
 }
 
 __device__ __forceinline__ void store_cert(int64_t i, double pa, double sigma,

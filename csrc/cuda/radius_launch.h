@@ -18,7 +18,7 @@ enum class ProbType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 
 
 // Hoeffding certificate: pa = clamp(top_score - width, 0, 1), then pb_upper,
 // radius, abstain as in radius_certify. Rows whose top_score is outside
-// [-1e-6, 1 + 1e-6] or whose sigma is not finite and > 0 get NaN outputs and
+// [-1e-6, 1 + 1e-6] or whose sigma is not in (0, 1e300] get NaN outputs and
 // abstain = true (the Python wrapper rejects such inputs first).
 cudaError_t launch_certify_hoeffding(const double* top_score, int64_t score_stride,
                                      const double* sigma, int64_t sigma_stride,
