@@ -22,13 +22,8 @@ from .bounds import BOUNDS, _check_alpha, certified_radius, conservative_radius,
 from .errors import CertssbError
 from .kernels import use_kernels
 from .kernels.radius import certify_radius
-<<<<<<< HEAD
-from .kernels.vote import UNITS_PER_ONE, reference_accumulate, vote_accumulate, vote_top2
-from .noise import Stream, check_noise_inputs, noisy_copies
-=======
 from .kernels.vote import MAX_MODELS, UNITS_PER_ONE, reference_accumulate, vote_accumulate, vote_top2
-from .noise import Stream, noisy_copies
->>>>>>> soundness
+from .noise import Stream, check_noise_inputs, noisy_copies
 from .training import default_chunk, memory_format
 from .vectorized import GroupedModel
 
@@ -242,8 +237,8 @@ def certify_votes(votes: Votes, sigma: torch.Tensor, *, bound: str = "hoeffding"
     if not isinstance(votes, Votes):
         raise CertssbError(f"votes must be a Votes (from collect_votes), got {type(votes).__name__}")
     if votes.models < 1:
-<<<<<<< HEAD
         raise CertssbError("no model votes were collected; an ensemble needs at least one model (M >= 1)")
+    _check_capacity(votes.models)
     _check_alpha(alpha)
     b = votes.soft_units.shape[0]
     if not isinstance(sigma, torch.Tensor) or tuple(sigma.shape) != (b,):
@@ -255,10 +250,6 @@ def certify_votes(votes: Votes, sigma: torch.Tensor, *, bound: str = "hoeffding"
     if mode == "paper" and sigma_train_min is not None and not (
             isinstance(sigma_train_min, (int, float)) and math.isfinite(sigma_train_min) and sigma_train_min > 0):
         raise CertssbError(f"sigma_train_min must be finite and > 0, got {sigma_train_min!r}")
-=======
-        raise CertssbError("no model votes were collected; an ensemble needs at least one model")
-    _check_capacity(votes.models)
->>>>>>> soundness
     m = votes.models
     c = votes.soft_units.shape[1]
     by_count = bound == "clopper-pearson"
