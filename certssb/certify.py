@@ -10,9 +10,12 @@ Clopper-Pearson on the hard votes (Bonferroni over classes).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
-from typing import Iterable
+from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -121,7 +124,9 @@ class Certificates:
 
 
 def collect_votes(models: Iterable, x: torch.Tensor, sigma: torch.Tensor, *, seed: int, num_classes: int,
-                  batch_size: int = 128, device: torch.device | str = "cpu", progress=None) -> Votes:
+                  batch_size: int = 128, device: torch.device | str = "cpu", progress=None,
+                  votes: Votes | None = None,
+                  on_group: Callable[[list[int], Votes], None] | None = None) -> Votes:
     """Stream the ensemble's votes on x [B, C, H, W] with per-input noise levels sigma [B].
 
     `models` yields any mix of
@@ -131,7 +136,10 @@ def collect_votes(models: Iterable, x: torch.Tensor, sigma: torch.Tensor, *, see
       - ``(k, module)`` pairs, or plain modules (index = position).
     Model k sees x + sigma * eps(seed, TEST, k, 0): one `noisy_copies` call per
     batch for the whole group. `batch_size`: inputs per forward pass.
-    `progress`: a tqdm bar advanced by 1 per model. Example::
+    `progress`: a tqdm bar advanced by 1 per model. `votes`: accumulators to continue
+    (e.g. restored by `VoteCheckpoint` after an interruption; the models in `models` must
+    be the ones not yet counted), else zeros. `on_group(ks, votes)` is called after each
+    group's votes are in (to checkpoint them). Example::
 
         votes = collect_votes(ens.iter_groups(), x, sigma, seed=0, num_classes=2)
     """
@@ -145,7 +153,11 @@ def collect_votes(models: Iterable, x: torch.Tensor, sigma: torch.Tensor, *, see
     _check_positive_int(batch_size, "batch_size", 1)
     check_noise_inputs(x, sigma)  # finite x, finite sigma > 0: once, not per batch
     n = x.shape[0]
-    votes = Votes.zeros(n, num_classes)
+    if votes is None:
+        votes = Votes.zeros(n, num_classes)
+    elif tuple(votes.soft_units.shape) != (n, num_classes) or votes.soft_units.device.type != "cpu":
+        raise CertssbError(f"votes to continue must be CPU accumulators of shape [{n}, {num_classes}], got "
+                           f"{list(votes.soft_units.shape)} on {votes.soft_units.device}")
     for pos, item in enumerate(models):
         ks, forward = _as_group(item, pos, memory_format(x))
         parts = _cpu_chunks(ks, forward, tuple(x.shape[1:]), batch_size, device)
@@ -168,6 +180,8 @@ def collect_votes(models: Iterable, x: torch.Tensor, sigma: torch.Tensor, *, see
                     add_logits_rows(votes, logits.float(), start)
         votes.models += len(ks)
         _check_capacity(votes.models)
+        if on_group is not None:
+            on_group(ks, votes)
         if progress is not None:
             progress.update(len(ks))
     return votes
@@ -216,6 +230,83 @@ def add_logits_rows(votes: Votes, logits: torch.Tensor, start: int) -> None:
         acc = getattr(votes, f.name)
         if isinstance(acc, torch.Tensor):
             acc[start:start + logits.shape[1]] += getattr(sub, f.name)
+
+
+class VoteCheckpoint:
+    """The vote accumulators of an unfinished certification, saved after every model group.
+
+    A killed `certssb certify` / `run` continues voting with the groups not yet counted
+    instead of starting over. The file (safetensors: `soft_units`, `hard_count` int64 [N, C])
+    records the model indices already counted, the sha256 of the two tensors, and a `key`
+    naming everything the votes depend on (models, inputs, sigmas, seed, batch size,
+    backend, device). A file with another key, another shape or a wrong checksum is ignored:
+    voting starts over. The accumulators are exact integer sums, so continued votes equal
+    uninterrupted ones bit for bit. Example::
+
+        ckpt = VoteCheckpoint(run / "votes-rab.partial.safetensors", key)
+        votes, done = ckpt.load(n, num_classes)          # (None, set()) when nothing to continue
+        groups = (g for g in ens.iter_groups() if not set(g[0]) <= done)
+        votes = collect_votes(groups, x, sigma, seed=0, num_classes=2, votes=votes,
+                              on_group=ckpt.saver(done))
+        ckpt.clear()                                     # once the certificates are written
+    """
+
+    FORMAT = "certssb.partial-votes"
+
+    def __init__(self, path: str | Path, key: str) -> None:
+        self.path = Path(path)
+        self.key = str(key)
+
+    @staticmethod
+    def _digest(soft_units: torch.Tensor, hard_count: torch.Tensor) -> str:
+        h = hashlib.sha256()
+        for t in (soft_units, hard_count):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def load(self, n: int, num_classes: int) -> tuple[Votes | None, set[int]]:
+        """(votes so far, model indices counted) if the file continues this certification, else (None, set())."""
+        from safetensors import safe_open
+
+        from .fileio import load_tensors
+
+        if not self.path.is_file():
+            return None, set()
+        try:
+            tensors = load_tensors(self.path)
+            with safe_open(str(self.path), "pt") as f:
+                info = json.loads((f.metadata() or {})["certssb"])
+            soft, hard = tensors["soft_units"], tensors["hard_count"]
+            done = {int(k) for k in info["done"]}
+            ok = (info.get("format") == self.FORMAT and info.get("key") == self.key
+                  and soft.dtype == hard.dtype == torch.int64
+                  and tuple(soft.shape) == tuple(hard.shape) == (n, num_classes)
+                  and info.get("sha256") == self._digest(soft, hard) and int(info["models"]) == len(done))
+        except Exception:  # unreadable, truncated or foreign: start over
+            return None, set()
+        if not ok:
+            return None, set()
+        return Votes(soft.clone(), hard.clone(), len(done)), done
+
+    def save(self, votes: Votes, done: set[int]) -> None:
+        """Write the accumulators and the counted model indices atomically."""
+        from .fileio import save_tensors
+
+        info = {"format": self.FORMAT, "key": self.key, "models": votes.models, "done": sorted(done),
+                "sha256": self._digest(votes.soft_units, votes.hard_count)}
+        save_tensors(self.path, {"soft_units": votes.soft_units, "hard_count": votes.hard_count},
+                     metadata={"certssb": json.dumps(info)})
+
+    def saver(self, done: set[int]) -> Callable[[list[int], Votes], None]:
+        """An `on_group` callback for `collect_votes` that adds each group to `done` and saves."""
+        def on_group(ks: list[int], votes: Votes) -> None:
+            done.update(int(k) for k in ks)
+            self.save(votes, done)
+        return on_group
+
+    def clear(self) -> None:
+        """Remove the file (the certification it belonged to is finished)."""
+        self.path.unlink(missing_ok=True)
 
 
 def certify_votes(votes: Votes, sigma: torch.Tensor, *, bound: str = "hoeffding", alpha: float = 0.001,
@@ -326,4 +417,4 @@ def certify_models(models: Iterable[nn.Module], x: torch.Tensor, sigma: torch.Te
 
 
 __all__ = ["MODES", "Votes", "Certificates", "collect_votes", "add_logits_rows", "certify_votes",
-           "certify_models"]
+           "certify_models", "VoteCheckpoint"]

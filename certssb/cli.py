@@ -1,4 +1,4 @@
-"""The `certssb` command line: run, train, certify, report.
+"""The `certssb` command line: run, train, certify, certify-stream, report.
 
 User errors (CertssbError) print one message and exit with status 2; --debug
 shows the traceback instead.
@@ -164,6 +164,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readme", default=None, metavar="FILE",
                    help="also rewrite the results block of this README (between its results markers)")
     p.add_argument("--debug", action="store_true")
+    p = sub.add_parser("certify-stream", help="certify new inputs (a file or an image folder) with a trained "
+                                              "run's ensemble, chunk by chunk; a rerun continues an interrupted job")
+    p.add_argument("--out", required=True, help="the run directory written by `certssb train` or `run`")
+    p.add_argument("--inputs", required=True, metavar="FILE|DIR",
+                   help=".npy, .npz or .safetensors array (x: [N, C, H, W], [N, H, W] or [N, H, W, C]; uint8 "
+                        "pixels or floats in [0, 1]; the run's image size) or a folder of images")
+    p.add_argument("--labels", metavar="FILE", default=None,
+                   help="task labels 0..K-1 (.npy, .npz or text, one per line); default: the y array of --inputs "
+                        "if it has one")
+    p.add_argument("--stream-out", required=True, metavar="DIR",
+                   help="where certificates.csv, regions.safetensors, summary.json and the chunk checkpoints go; "
+                        "rerun the same command to continue an interrupted job")
+    p.add_argument("--chunk-size", type=int, default=1000, help="inputs per chunk (checkpoint) (default 1000)")
+    p.add_argument("--method", choices=("cert-ssb", "rab"), default=None,
+                   help="default: cert-ssb when the run trained it, else rab")
+    p.add_argument("--bound", choices=("hoeffding", "clopper-pearson"), default=None, help="default: the run's")
+    p.add_argument("--alpha", type=float, default=None, help="default: the run's")
+    p.add_argument("--storage-update", dest="storage_update", action="store_true", default=None,
+                   help="run the storage-update certifier over the stream (default: on for cert-ssb as the run)")
+    p.add_argument("--no-storage-update", dest="storage_update", action="store_false")
+    p.add_argument("--regions", metavar="FILE", default=None,
+                   help="a region store (e.g. RUN/regions-cert-ssb-clean.safetensors) that the storage update "
+                        "continues; default: an empty store")
+    p.add_argument("--device", default=None)
+    p.add_argument("--backend", choices=BACKENDS, default=None)
+    p.add_argument("--eval-batch-size", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--debug", action="store_true")
     p = sub.add_parser("report", help="recompute tables and plots from a run directory's certificates")
     p.add_argument("--out", required=True, help="the run directory")
     p.add_argument("--radii", type=_radii, default=None)
@@ -280,6 +308,18 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from .results_pages import write_pages
         for path in write_pages(args.runs, args.docs, readme=args.readme):
             print(f"wrote {path}")
+        return 0
+    if args.command == "certify-stream":
+        from .stream import InputFile, RunCertifier, certify_stream, format_summary
+        log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+        run = RunCertifier(args.out, method=args.method, bound=args.bound, alpha=args.alpha, device=args.device,
+                           backend=args.backend, eval_batch_size=args.eval_batch_size, log=log)
+        inputs = InputFile(args.inputs, run.image_shape, labels=args.labels, num_classes=run.num_classes,
+                           batch=max(1, min(args.chunk_size, 4096)))
+        summary = certify_stream(run, inputs, args.stream_out, chunk_size=args.chunk_size,
+                                 storage_update=args.storage_update, regions=args.regions, total=len(inputs),
+                                 progress=not args.quiet, log=log)
+        print(format_summary(summary, args.stream_out))
         return 0
     if args.command == "report":
         summary = regenerate(args.out, args.radii)

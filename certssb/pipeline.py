@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .attacks import ADDITIVE_TRIGGERS, make_trigger, poison_training_set, triggered_test_set
 from .bounds import certified_radius, pa_lower, poison_budget
-from .certify import Votes, certify_votes, collect_votes
+from .certify import VoteCheckpoint, Votes, certify_votes, collect_votes
 from .config import RunConfig, resolve_device
 from .data import load_task
 from .distributed import Dist, all_reduce_votes
@@ -252,11 +252,22 @@ def stage_certify(p: Prepared, out: Path, method: str, ens: EnsembleDir, sigma: 
               "triggered": (p.triggered.x, p.triggered.y_true, p.triggered.y_target, p.triggered.idx)}
     x_all = torch.cat([s[0] for s in splits.values()])
     sigma_all = torch.cat([sigma[name] for name in splits])
-    with tqdm(total=cfg.models, desc=f"certify {method}", unit="model", disable=not progress,
-              leave=False) as bar:
-        votes = collect_votes(ens.iter_groups(device=p.device, dist=p.dist), x_all, sigma_all, seed=cfg.seed,
+    # A killed certification continues voting where it stopped (single process: under torchrun
+    # each rank holds other groups' votes). The key names everything the votes depend on.
+    ckpt = None if p.dist.enabled else VoteCheckpoint(
+        out / f"votes-{method}.partial.safetensors",
+        _hash("votes", ens.spec.fingerprint, x_all, sigma_all, cfg.seed, cfg.eval_batch_size, cfg.backend,
+              torch.device(p.device).type))
+    start_votes, done = ckpt.load(x_all.shape[0], p.task.num_classes) if ckpt else (None, set())
+    if done:
+        log(f"{method}: continuing the votes of an interrupted certification ({len(done)} models counted)")
+    with tqdm(total=cfg.models, initial=len(done), desc=f"certify {method}", unit="model",
+              disable=not progress, leave=False) as bar:
+        groups = (g for g in ens.iter_groups(device=p.device, dist=p.dist) if not set(g[0]) <= done)
+        votes = collect_votes(groups, x_all, sigma_all, seed=cfg.seed,
                               num_classes=p.task.num_classes, batch_size=cfg.eval_batch_size,
-                              device=p.device, progress=bar)
+                              device=p.device, progress=bar, votes=start_votes,
+                              on_group=ckpt.saver(done) if ckpt else None)
     all_reduce_votes(votes, p.dist)  # each rank voted with its own groups
     t_votes = time.perf_counter() - t0
     if not p.dist.is_main:
@@ -307,6 +318,8 @@ def stage_certify(p: Prepared, out: Path, method: str, ens: EnsembleDir, sigma: 
     if regions is not None:
         su["continued"] = {"n": len(regions), "queries": regions.n_queries, **(regions.source or {})}
     result["seconds"] = {"votes": round(t_votes, 3), "storage_update": round(t_update, 3)}
+    if ckpt is not None:
+        ckpt.clear()  # every certificate of this method is written
     return result
 
 
