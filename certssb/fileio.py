@@ -21,7 +21,7 @@ import os
 import struct
 import tempfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -119,8 +119,9 @@ def _split_safetensors(data: bytes, path: Path) -> tuple[dict, memoryview]:
     return header, memoryview(data)[8 + n:]  # no copy of the tensor bytes
 
 
-def _content_digest(header: dict, buffer: bytes | memoryview) -> str:
-    """sha256 of the header (without CHECKSUM_KEY, canonical JSON) and the data buffer."""
+def content_digest(header: dict, pieces: Iterable[bytes | memoryview]) -> str:
+    """The embedded checksum: sha256 of a safetensors header (without CHECKSUM_KEY, canonical
+    JSON) and its data buffer, given in pieces (writers that stream their data use this too)."""
     head = dict(header)
     meta = dict(head.get("__metadata__") or {})
     meta.pop(CHECKSUM_KEY, None)
@@ -130,8 +131,13 @@ def _content_digest(header: dict, buffer: bytes | memoryview) -> str:
         head.pop("__metadata__", None)
     h = hashlib.sha256(json.dumps(head, sort_keys=True, separators=(",", ":")).encode("utf-8"))
     h.update(b"\0")
-    h.update(buffer)
+    for piece in pieces:
+        h.update(piece)
     return h.hexdigest()
+
+
+def _content_digest(header: dict, buffer: bytes | memoryview) -> str:
+    return content_digest(header, [buffer])
 
 
 def _one_substitution(a: str, b: str) -> bool:

@@ -129,6 +129,8 @@ def read_certificates_csv(path: str | Path) -> tuple[dict[str, torch.Tensor], li
             continue
         vals = [r.get(k) or "" for r in records]
         if any(v == "" for v in vals):
+            if k == "label" and all(v == "" for v in vals):
+                continue  # unlabeled inputs (`certssb certify-stream` without labels)
             if k in REQUIRED_COLUMNS:
                 raise bad(f"column {k!r} has empty cells (a truncated row?)")
             continue

@@ -58,7 +58,8 @@ from .certify import Certificates, Votes, certify_votes, collect_votes
 from .config import RunConfig, resolve_device
 from .ensemble import MANIFEST_FORMAT, EnsembleDir, EnsembleSpec, _free_bytes
 from .errors import CertssbError, CheckpointError, DataError
-from .fileio import atomic_write_json, load_tensors, read_json, save_tensors, sha256_file
+from .fileio import (CHECKSUM_KEY, atomic_write_json, content_digest, load_tensors, read_json, save_tensors,
+                     sha256_file)
 from .kernels import using_backend
 from .models import build_model, count_parameters
 from .regions import FORMAT_VERSION as STORE_FORMAT_VERSION, RegionStore
@@ -715,6 +716,14 @@ def _load_progress(out: Path, job: dict, job_sha: str, log: Callable[[str], None
 _ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.int64: "I64"}
 
 
+def _pieces(parts: dict[str, list[torch.Tensor]], order: list[str]) -> Iterator[memoryview]:
+    """The data buffer of a safetensors file, as the raw bytes of its tensors' pieces in file order."""
+    for name in order:
+        for t in parts[name]:
+            if t.numel():
+                yield t.detach().cpu().contiguous().numpy().data
+
+
 def _write_safetensors(path: Path, parts: dict[str, list[torch.Tensor]], metadata: dict[str, str]) -> str:
     """Write a safetensors file atomically from tensors given in pieces (each entry the concatenation
     of its pieces along dim 0), streaming: no copy of the data is made. Returns the file's sha256.
@@ -735,13 +744,14 @@ def _write_safetensors(path: Path, parts: dict[str, list[torch.Tensor]], metadat
         nbytes = int(np.prod(shape)) * size
         header[name] = {"dtype": _ST_DTYPES[dtype], "shape": shape, "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
+    # the checksum `fileio.save_tensors` embeds (a first pass over the same memory: no copy)
+    header["__metadata__"] = {**metadata, CHECKSUM_KEY: content_digest(header, _pieces(parts, order))}
     head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     head += b" " * (-len(head) % 8)
     h = hashlib.sha256()
     f = _AtomicFile(path, binary=True)
     try:
-        for data in [len(head).to_bytes(8, "little"), head] + [
-                t.detach().cpu().contiguous().numpy().data for name in order for t in parts[name] if t.numel()]:
+        for data in [len(head).to_bytes(8, "little"), head, *_pieces(parts, order)]:
             f.write(data)
             h.update(data)
         f.commit()

@@ -459,7 +459,7 @@ def test_run_directory_problems_are_reported(run_dir, tmp_path):
         RunCertifier(bad)
     (bad / "config.json").write_text(json.dumps(cfg))
     (bad / "models" / "base.safetensors").write_bytes(b"\x00" * 20)
-    with pytest.raises(CheckpointError, match="not a valid safetensors"):
+    with pytest.raises(CheckpointError, match="is corrupt|not a valid safetensors"):
         RunCertifier(bad, method="cert-ssb")
     with pytest.raises(CertssbError, match="chunk-size must be an integer >= 1"):
         certify_stream(bad, [], tmp_path / "o", chunk_size=0, method="rab")
