@@ -62,6 +62,45 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+class AtomicFile:
+    """A file written in parts to a temporary file in its folder, then fsynced and renamed into
+    place on `commit()` (`atomic_write_bytes` for content too large to hold in memory at once);
+    `abort()` removes the temporary file. binary=False writes text (utf-8, no newline mangling).
+
+    Example::
+
+        f = AtomicFile(Path("big.csv"))
+        try:
+            for part in parts:
+                f.write(part)
+            f.commit()
+        except BaseException:
+            f.abort()
+            raise
+    """
+
+    def __init__(self, path: str | os.PathLike, binary: bool = False) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self.f = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="")
+
+    def write(self, data: str | bytes | memoryview) -> None:
+        self.f.write(data)
+
+    def commit(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.tmp, self.path)
+        _fsync_dir(self.path.parent)
+
+    def abort(self) -> None:
+        if not self.f.closed:
+            self.f.close()
+        Path(self.tmp).unlink(missing_ok=True)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write UTF-8 `text` to `path` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .attacks import ADDITIVE_TRIGGERS, make_trigger, poison_training_set, triggered_test_set
 from .bounds import certified_radius, pa_lower, poison_budget
-from .certify import VoteCheckpoint, Votes, certify_votes, collect_votes
+from .certify import VoteCheckpoint, certify_votes, collect_votes
 from .config import RunConfig, resolve_device
 from .data import load_task
 from .distributed import Dist, all_reduce_votes

@@ -36,13 +36,11 @@ Example::
 from __future__ import annotations
 
 import csv
-import fcntl
 import hashlib
 import io
 import json
 import math
 import os
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -58,13 +56,15 @@ from .certify import Certificates, Votes, certify_votes, collect_votes
 from .config import RunConfig, resolve_device
 from .ensemble import MANIFEST_FORMAT, EnsembleDir, EnsembleSpec, _free_bytes
 from .errors import CertssbError, CheckpointError, DataError
-from .fileio import (CHECKSUM_KEY, atomic_write_json, content_digest, load_tensors, read_json, save_tensors,
-                     sha256_file)
+from .fileio import (CHECKSUM_KEY, AtomicFile, atomic_write_json, content_digest, load_tensors, read_json,
+                     save_tensors, sha256_file)
 from .kernels import using_backend
 from .models import build_model, count_parameters
 from .regions import FORMAT_VERSION as STORE_FORMAT_VERSION, RegionStore
 from .regions import _FORMAT_NAME as STORE_FORMAT_NAME, _META_KEY as STORE_META_KEY
+from .rundir import check_compatible
 from .report import CSV_COLUMNS, radius_key
+from .runlock import run_lock
 from .sigma import optimize_sigma
 from .training import Schedule
 
@@ -112,7 +112,7 @@ class RunCertifier:
                  bound: Optional[str] = None, alpha: Optional[float] = None, device: Optional[str] = None,
                  backend: Optional[str] = None, eval_batch_size: Optional[int] = None,
                  keep_models: Optional[bool] = None, log: Optional[Callable[[str], None]] = None) -> None:
-        from .pipeline import RUN_FORMAT, sigma_search
+        from .pipeline import sigma_search
 
         self.path = Path(run_dir)
         log = log or (lambda s: None)
@@ -120,11 +120,7 @@ class RunCertifier:
         if not cfg_path.is_file():
             raise CertssbError(f"{cfg_path} not found: --out must be a run directory written by "
                                "`certssb train` or `certssb run`")
-        saved = read_json(cfg_path)
-        if not isinstance(saved, dict) or saved.get("format") != RUN_FORMAT or "config" not in saved:
-            raise CheckpointError(f"{cfg_path} is from an incompatible certssb version (run format "
-                                  f"{saved.get('format') if isinstance(saved, dict) else None!r}, this build "
-                                  f"reads {RUN_FORMAT}); retrain the run with this version")
+        saved = check_compatible(self.path)  # another run format or a newer certssb: refused
         cfg = RunConfig.from_dict(saved["config"])
         for key, value in (("bound", bound), ("alpha", alpha), ("device", device), ("backend", backend),
                            ("eval_batch_size", eval_batch_size)):
@@ -619,31 +615,6 @@ def _sha_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-class _Lock:
-    """An exclusive lock on <out>/.lock (flock: released by the OS when the process dies, even by SIGKILL)."""
-
-    def __init__(self, out: Path) -> None:
-        self.path = out / ".lock"
-        self.f = open(self.path, "a+")
-        try:
-            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.f.seek(0)
-            holder = self.f.read().strip() or "another process"
-            self.f.close()
-            raise CertssbError(f"another job ({holder}) is writing into {out}; wait for it to finish, or use "
-                               "another output folder") from None
-        self.f.seek(0)
-        self.f.truncate()
-        self.f.write(f"pid {os.getpid()}")
-        self.f.flush()
-
-    def release(self) -> None:
-        if not self.f.closed:
-            fcntl.flock(self.f.fileno(), fcntl.LOCK_UN)
-            self.f.close()
-
-
 def _recover(out: Path, job_sha: str, log: Callable[[str], None]) -> list[dict]:
     """Progress entries rebuilt from the chunk files themselves (progress.json lost or corrupt):
     the longest run of consecutive chunks of this job whose content checksums hold."""
@@ -749,7 +720,7 @@ def _write_safetensors(path: Path, parts: dict[str, list[torch.Tensor]], metadat
     head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     head += b" " * (-len(head) % 8)
     h = hashlib.sha256()
-    f = _AtomicFile(path, binary=True)
+    f = AtomicFile(path, binary=True)
     try:
         for data in [len(head).to_bytes(8, "little"), head, *_pieces(parts, order)]:
             f.write(data)
@@ -901,31 +872,6 @@ def _csv_lines(t: dict[str, torch.Tensor]) -> str:
     return buf.getvalue()
 
 
-class _AtomicFile:
-    """A file written in parts to a temporary file, then fsynced and renamed into place
-    (`certssb.fileio.atomic_write_bytes` for content too large to hold in memory at once)."""
-
-    def __init__(self, path: Path, binary: bool = False) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        self.f = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="")
-
-    def write(self, data: str | bytes | memoryview) -> None:
-        self.f.write(data)
-
-    def commit(self) -> None:
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        os.replace(self.tmp, self.path)
-
-    def abort(self) -> None:
-        if not self.f.closed:
-            self.f.close()
-        Path(self.tmp).unlink(missing_ok=True)
-
-
 def certify_stream(run: RunCertifier | str | os.PathLike, batches: Iterable, out_dir: str | os.PathLike, *,
                    chunk_size: int = 1000, storage_update: Optional[bool] = None,
                    regions: RegionStore | str | os.PathLike | None = None, id_offset: int = STREAM_ID_OFFSET,
@@ -980,12 +926,9 @@ def certify_stream(run: RunCertifier | str | os.PathLike, batches: Iterable, out
                                           "r": base_store.radii, "q": base_store.queries})},
            "id_offset": int(id_offset)}
     job_sha = _sha_json(job)
-    lock = _Lock(out)
-    try:
+    with run_lock(out, "certssb certify-stream"):  # one job per output folder
         return _run_job(run, batches, out, job, job_sha, chunk_size, bool(storage_update), base_store,
                         int(id_offset), total, progress, log, t_start)
-    finally:
-        lock.release()
 
 
 def _run_job(run: RunCertifier, batches: Iterable, out: Path, job: dict, job_sha: str, chunk_size: int,
@@ -1127,7 +1070,7 @@ def _finish(run: RunCertifier, out: Path, entries: list[dict], get_store: Callab
         except CheckpointError:
             pass
     tally = _Tally(run.cfg.radii)
-    csv_file = _AtomicFile(paths["csv"])
+    csv_file = AtomicFile(paths["csv"])
     try:
         csv_file.write(",".join(CSV_COLUMNS) + "\n")
         for e in entries:

@@ -224,10 +224,10 @@ def test_a_crash_at_every_write_resumes_to_identical_outputs(certifier, stream_f
             return fn(*args, **kwargs)
         return inner
 
-    real_commit = stream._AtomicFile.commit
+    real_commit = stream.AtomicFile.commit
     monkeypatch.setattr(stream, "save_tensors", wrap(real["save_tensors"]))
     monkeypatch.setattr(stream, "atomic_write_json", wrap(real["atomic_write_json"]))
-    monkeypatch.setattr(stream._AtomicFile, "commit", wrap(real_commit))
+    monkeypatch.setattr(stream.AtomicFile, "commit", wrap(real_commit))
     total_writes = 2 * (N_STREAM // CHUNK) + 4  # chunk + progress per chunk; csv, regions, summary, progress
     for die_at in range(total_writes):
         out = tmp_path / f"crash-{die_at}"
@@ -327,12 +327,17 @@ def test_other_arguments_or_inputs_are_refused(certifier, stream_files, referenc
 def test_two_jobs_cannot_write_into_one_folder(certifier, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    lock = stream._Lock(out)
+    holder = subprocess.Popen(  # another process holds the folder's lock (re-entrant within one process)
+        [sys.executable, "-c", "import sys, time\nfrom certssb.runlock import run_lock\n"
+         "with run_lock(sys.argv[1], 'certssb certify-stream'):\n    print('locked', flush=True)\n"
+         "    time.sleep(120)\n", str(out)], stdout=subprocess.PIPE, text=True)
     try:
-        with pytest.raises(CertssbError, match="another job .pid .* is writing into"):
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(CertssbError, match="certssb certify-stream"):
             certify_stream(certifier, [torch.rand(4, 1, 8, 8)], out, chunk_size=4)
     finally:
-        lock.release()
+        holder.kill()
+        holder.wait()
     assert certify_stream(certifier, [torch.rand(4, 1, 8, 8)], out, chunk_size=4)["inputs"] == 4
 
 
@@ -455,7 +460,7 @@ def test_run_directory_problems_are_reported(run_dir, tmp_path):
     shutil.copytree(run_dir, bad)
     cfg = json.loads((bad / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**cfg, "format": 99}))
-    with pytest.raises(CheckpointError, match="incompatible certssb version"):
+    with pytest.raises(CheckpointError, match="run format|incompatible certssb version"):
         RunCertifier(bad)
     (bad / "config.json").write_text(json.dumps(cfg))
     (bad / "models" / "base.safetensors").write_bytes(b"\x00" * 20)
