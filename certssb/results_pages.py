@@ -84,8 +84,14 @@ def cell_table(summary: dict) -> str:
     radii = sorted({r for _, c in cols for r in c}, key=float)
     lines = ["| radius | " + " | ".join(h for h, _ in cols) + " |",
              "|---:|" + "---:|" * len(cols)]
-    for r in radii:
+    # rows up to the first radius where every column is 0 (all larger ones are 0 too: the
+    # curves never increase), then one line for the rest
+    last = max((i for i, r in enumerate(radii) if any((c.get(r) or 0) > 0 for _, c in cols)), default=-1)
+    shown = radii[:last + 2]
+    for r in shown:
         lines.append(f"| {r} | " + " | ".join(_pct(c.get(r)) for _, c in cols) + " |")
+    if len(shown) < len(radii):
+        lines.append(f"| {radii[len(shown)]} to {radii[-1]} | " + " | ".join("0.0" for _ in cols) + " |")
     return "\n".join(lines)
 
 
