@@ -95,15 +95,31 @@ def cell_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _split_size(summary: dict, split: str) -> Optional[int]:
+    d = summary.get("dataset") or {}
+    n = d.get("n_test") if split == "clean" else d.get("n_triggered")
+    return int(n) if n else None
+
+
 def compare_methods(summary: dict) -> list[str]:
-    """Where Cert-SSB (with storage update, the headline) certifies less than RAB: 'split r=x: a < b'."""
+    """Where Cert-SSB (with storage update, the headline) certifies less than RAB: 'split r=x: a < b'.
+
+    Percentages get a second decimal where one would print them equal, and the gap is given in test
+    inputs when the summary says how many there are (a gap of one input is Monte Carlo noise, not a trend).
+    """
     out = []
     for split in ("clean", "triggered"):
         rab = _curve(summary, "rab", split)
         ssb = _curve(summary, "cert-ssb", split, "storage_update")
+        n = _split_size(summary, split)
         for r in sorted(set(rab) & set(ssb), key=float):
             if ssb[r] + 1e-12 < rab[r]:
-                out.append(f"{split} r={r}: {_pct(ssb[r])}% < {_pct(rab[r])}%")
+                digits = 1 if _pct(ssb[r]) != _pct(rab[r]) else 2
+                line = f"{split} r={r}: {_pct(ssb[r], digits)}% < {_pct(rab[r], digits)}%"
+                if n:
+                    gap = round((rab[r] - ssb[r]) * n)
+                    line += f" ({gap} of {n} input{'s' if n != 1 else ''})"
+                out.append(line)
     return out
 
 
@@ -306,7 +322,7 @@ def page_markdown(page: str, cells: list[dict], figure_dir: Path) -> str:
                         f"{_fmt_s(secs.get(f'certify_{bound}', 0))} (finished {c.get('finished')}).", ""]
                 worse = compare_methods(s)
                 if worse:
-                    shortfalls.append(f"- `{c['cell']}`, {bound}: " + "; ".join(worse) + f" ({_why(s)})")
+                    shortfalls.append(f"- `{c['cell']}`, {bound}: " + "; ".join(worse) + f". Behind it: {_why(s)}.")
         out.append(f"### Cert-SSB against RAB ({head}, {scale} scale)")
         out.append("")
         both = all({"rab", "cert-ssb"} <= set(s.get("methods", {})) for c in exp_cells
@@ -335,11 +351,11 @@ PUBLISHED_NOTE = (
 SHORTFALL_NOTE = (
     "Why: Cert-SSB's sigma search raises most sigmas towards its upper clamp (2 sigma0), which widens the "
     "radius of inputs the models still classify confidently under that noise and makes the others abstain or "
-    "fall to one class: the numbers in brackets show it. Models trained briefly on few images (the reduced "
-    "scales) are the ones that lose confidence under the larger noise, so there Cert-SSB can certify fewer "
-    "inputs than RAB at small radii while still reaching larger radii where it certifies. The storage update "
-    "can only shrink regions, and near the radius ceiling of few models differences are Monte Carlo noise of "
-    "the votes rather than a property of the method.")
+    "fall to one class: the abstain rates and sigmas after each line show it. Models trained briefly on few "
+    "images (the reduced scales) are the ones that lose confidence under the larger noise, so there Cert-SSB "
+    "can certify fewer inputs than RAB at small radii while still reaching larger radii where it certifies. "
+    "A gap of one or two test inputs is within the Monte Carlo noise of the votes (each method draws its own "
+    "noise), not a property of the method; the storage update can only shrink regions.")
 
 
 def write_pages(runs: str | os.PathLike, docs: str | os.PathLike,
@@ -392,6 +408,34 @@ def headline(cell: dict, bound: str = "hoeffding") -> Optional[str]:
             f"{_pct(ssb.get(r1))} |")
 
 
+def published_headline(cell: dict, page_rel: str) -> Optional[str]:
+    """One README line for a cell of an experiment with published figures: ours beside theirs."""
+    from .grid import Experiment
+
+    exp_file = Path("experiments") / f"{cell['experiment']}.json"
+    if not exp_file.exists():
+        return None
+    exp = Experiment.load(exp_file)
+    pub = exp.published
+    if not pub:
+        return None
+    method, split, bound = pub.get("method", "cert-ssb"), pub.get("split", "clean"), pub.get("bound", "hoeffding")
+    s = cell["summaries"].get(bound)
+    if not s:
+        return None
+    ours = _curve(s, method, split, "storage_update")
+    radii = list(pub["certified_accuracy"])
+    keys = [next((k for k in ours if float(k) == float(r)), r) for r in radii]
+    if not all(k in ours for k in keys):
+        return None
+    label = "" if cell["scale"] == "full" else f", {cell['scale']} scale (reduced)"
+    return (f"- {exp.title}: ours (M = {s['config']['models']}, {s['config']['epochs']} epoch(s){label}) "
+            f"{' / '.join(_pct(ours[k], 2) for k in keys)} against the published "
+            f"{' / '.join(_pct(v, 2) for v in pub['certified_accuracy'].values())} at r = {' / '.join(radii)} "
+            f"({pub.get('source')}); "
+            f"the differences are explained in `{page_rel}`.")
+
+
 def update_readme(readme: Path, cells: Sequence[dict], docs: Path) -> Path:
     """Rewrite the README block between README_START and README_END from the cells' summaries."""
     text = readme.read_text()
@@ -405,7 +449,12 @@ def update_readme(readme: Path, cells: Sequence[dict], docs: Path) -> Path:
              f"Certified clean accuracy (%) of RAB / Cert-SSB, Hoeffding bound, from the pages in `{rel}/` "
              "(reduced scales are labelled there):", "",
              "| experiment | scale | cell | M | no-defense attack success | r = 0 | r > 0 |",
-             "|---|---|---|---:|---:|---:|---:|", *rows, "", README_END]
+             "|---|---|---|---:|---:|---:|---:|", *rows, ""]
+    published = [h for c in sorted(cells, key=lambda c: (c["experiment"], c["scale"], c["cell"]))
+                 if (h := published_headline(c, f"{rel}/{_page_of(c, None)}.md"))]
+    if published:
+        block += ["Beside published figures (certified accuracy, %):", "", *published, ""]
+    block.append(README_END)
     start = text.index(README_START)
     end = text.index(README_END) + len(README_END)
     atomic_write_text(readme, text[:start] + "\n".join(block) + text[end:])

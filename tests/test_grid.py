@@ -9,7 +9,7 @@ import pytest
 from certssb.cli import main
 from certssb.errors import CertssbError
 from certssb.grid import Experiment, cell_name, parse_only, run_grid
-from certssb.results_pages import compare_methods, find_cells, write_pages
+from certssb.results_pages import compare_methods, find_cells, published_headline, write_pages
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -133,6 +133,31 @@ def test_compare_methods_reports_where_cert_ssb_is_below_rab():
     assert worse == ["clean r=0.25: 40.0% < 50.0%", "triggered r=0.25: 40.0% < 50.0%"]
     s["methods"]["cert-ssb"] = method({"0.0": 0.95, "0.25": 0.5})
     assert compare_methods(s) == []
+    # a gap hidden by one decimal gets two, and the number of inputs behind it
+    s["methods"]["cert-ssb"] = method({"0.0": 0.9, "0.25": 0.4996})
+    s["dataset"] = {"n_test": 2500, "n_triggered": 5000}
+    assert compare_methods(s) == ["clean r=0.25: 49.96% < 50.00% (1 of 2500 inputs)",
+                                  "triggered r=0.25: 49.96% < 50.00% (2 of 5000 inputs)"]
+
+
+def test_published_headline_puts_ours_beside_the_published_figures(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # experiments/ is looked up relative to the working directory, as the CLI does
+    (tmp_path / "experiments").mkdir()
+    pub = {"source": "paper X", "method": "cert-ssb", "split": "clean", "bound": "hoeffding",
+           "certified_accuracy": {"0.0": 0.9995, "0.25": 0.9943}}
+    (tmp_path / "experiments" / "digits-tiny.json").write_text(json.dumps(tiny_experiment(published=pub)))
+    curve = {"0.0": 0.9986, "0.25": 0.7905, "0.5": 0.0}
+    summary = {"config": {"models": 500, "epochs": 1},
+               "methods": {"cert-ssb": {"variants": {"storage_update": {"clean": {"certified_accuracy": curve}}}}}}
+    cell = {"experiment": "digits-tiny", "scale": "cpu", "cell": "default", "summaries": {"hoeffding": summary}}
+    line = published_headline(cell, "docs/results/digits.md")
+    assert line.startswith("- digits, tiny: ours (M = 500, 1 epoch(s), cpu scale (reduced)) 99.86 / 79.05 "
+                           "against the published 99.95 / 99.43 at r = 0.0 / 0.25 (paper X)")
+    assert "docs/results/digits.md" in line
+    # no line without the bound the figures were published with, or for an experiment without published figures
+    assert published_headline({**cell, "summaries": {"clopper-pearson": summary}}, "p.md") is None
+    (tmp_path / "experiments" / "digits-tiny.json").write_text(json.dumps(tiny_experiment()))
+    assert published_headline(cell, "p.md") is None
 
 
 def test_cli_grid_dry_run_and_errors(tmp_path, capsys):
