@@ -598,7 +598,8 @@ class RegionStore:
                 raise CertssbError(f"order must be a permutation of 0..{n - 1} (an integer tensor of "
                                    f"length {n}); record it and pass it again to reproduce a run")
             order_t = order_t.long()
-        xflat = x.detach().reshape(n, -1)
+        # reshape(n, -1) cannot infer the width of an empty batch
+        xflat = x.detach().reshape(n, math.prod(x.shape[1:]))
         # Validate every stored input first so that a bad one cannot leave a half-updated store.
         keep = ~abstain_t.cpu()
         n_keep = int(keep.sum())

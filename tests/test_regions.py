@@ -417,6 +417,13 @@ def test_a_stream_in_pieces_continues_exactly():
     assert sum((p[2] for p in pieces), []) == out[2]
     _same_store(whole, parts)
     assert parts.n_queries == 200
+    # an empty piece (an empty chunk of a stream) changes nothing, before or after stored inputs
+    for store in (RegionStore(), parts):
+        before = (len(store), store.n_queries)
+        lab, rad, kinds = store.certify_stream(torch.empty(0, 12), torch.empty(0, dtype=torch.long),
+                                               torch.empty(0), torch.empty(0, dtype=torch.bool))
+        assert lab.shape == (0,) and rad.shape == (0,) and kinds == []
+        assert (len(store), store.n_queries) == before
 
 
 def test_certify_stream_errors():
