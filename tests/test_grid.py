@@ -172,3 +172,27 @@ def test_cli_grid_dry_run_and_errors(tmp_path, capsys):
     assert "AXIS=VALUE" in capsys.readouterr().err
     assert main(["pages", "--runs", str(tmp_path / "nothing")]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+# Every shipped experiment runs end to end on its real dataset at the smoke scale (M = 2, a few hundred
+# images): the files name classes, triggers and schedules the loaders and the pipeline accept. ImageNette
+# decodes 224px JPEGs for 90 s, so it is slow-marked.
+_SMOKE = [pytest.param(n, marks=pytest.mark.slow) if n.startswith("imagenette") else n
+          for n in sorted(f.stem for f in (REPO / "experiments").glob("*.json"))]
+
+
+@pytest.mark.parametrize("name", _SMOKE)
+def test_shipped_experiment_runs_at_smoke_scale_on_real_data(name, data_root, tmp_path, monkeypatch):
+    exp = Experiment.load(REPO / "experiments" / f"{name}.json")
+    if "smoke" not in exp.scales:
+        pytest.skip(f"{name} has no smoke scale")
+    monkeypatch.setenv("CERTSSB_DATA", str(data_root))
+    done = run_grid([exp], "smoke", tmp_path / "grid", progress=False, log=lambda *_: None)
+    assert done and all(d["status"] == "done" for d in done)
+    for cell in find_cells(tmp_path / "grid"):
+        assert set(cell["summaries"]) == set(exp.bounds)
+        for s in cell["summaries"].values():
+            assert set(s["methods"]) == ({"rab", "cert-ssb"} if exp.base.get("method", "both") == "both"
+                                         else {exp.base["method"]})
+            assert s["attack"]["all_to_all"] == bool(cell["point"].get("all_to_all", False))
+            assert s["config"]["models"] == exp.scales["smoke"]["models"]
