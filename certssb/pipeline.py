@@ -368,6 +368,7 @@ def _run(cfg: RunConfig, dist: Dist, *, train: bool, certify: bool, progress: bo
             results.mkdir(parents=True, exist_ok=True)
             atomic_write_json(results / "config.json", {**header, "run_dir": str(out)})
     p = prepare(cfg, log)
+    _warn_if_nothing_can_be_certified(cfg, p.task.num_classes, log)
     p.device = dist.device(p.device)
     p.dist = dist.init(p.device)
     summary: dict = {
@@ -449,6 +450,34 @@ def radius_ceiling(bound: str, models: int, alpha: float, num_classes: int, sigm
                         num_classes=num_classes)[0])
     radius, _, _ = certified_radius(torch.tensor([pa], dtype=torch.float64), sigma_max)
     return {"pA_lower": pa, "radius": float(radius[0]), "sigma": sigma_max}
+
+
+def min_models_to_certify(bound: str, alpha: float, num_classes: int, limit: int = 1 << 22) -> Optional[int]:
+    """The smallest M whose unanimous vote gives pA_lower > 1/2 (a radius above 0), or None up to `limit`."""
+    def certifies(m: int) -> bool:
+        return radius_ceiling(bound, m, alpha, num_classes, 1.0)["pA_lower"] > 0.5
+
+    hi = 1
+    while not certifies(hi):
+        if hi >= limit:
+            return None
+        hi *= 2
+    lo = hi // 2  # certifies(lo) is False (or lo == 0)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if certifies(mid) else (mid, hi)
+    return hi
+
+
+def _warn_if_nothing_can_be_certified(cfg: RunConfig, num_classes: int, log: Callable[[str], None]) -> None:
+    """Say before training when M is too small for the bound to certify any input at all."""
+    if radius_ceiling(cfg.bound, cfg.models, cfg.alpha, num_classes, 1.0)["pA_lower"] > 0.5:
+        return
+    need = {b: min_models_to_certify(b, cfg.alpha, num_classes) for b in ("hoeffding", "clopper-pearson")}
+    log(f"warning: with M={cfg.models} models the {cfg.bound} bound at alpha={cfg.alpha} cannot certify any "
+        f"input (even a unanimous vote gives pA_lower <= 1/2), so every prediction will abstain; use "
+        f"--models {need[cfg.bound]} or more" + (
+            f" (clopper-pearson needs {need['clopper-pearson']})" if cfg.bound == "hoeffding" else ""))
 
 
 def _saved_no_defense(out: Path) -> dict:

@@ -114,6 +114,22 @@ def test_certify_only_and_report(tiny_run):
     pipeline.run(RunConfig(**TINY, out=str(out)), train=False, progress=False, log=lambda s: None)
 
 
+def test_too_few_models_for_the_bound_is_said_up_front(tiny_run):
+    out, summary, logs = tiny_run
+    assert not any(line.startswith("warning: with M=") for line in logs)  # 12 models certify at alpha 0.1
+    need = pipeline.min_models_to_certify("hoeffding", 1e-6, 10)
+    assert need > 12
+    for m, certifies in ((need - 1, False), (need, True)):
+        assert (pipeline.radius_ceiling("hoeffding", m, 1e-6, 10, 1.0)["pA_lower"] > 0.5) is certifies
+    logs2: list[str] = []
+    cfg = RunConfig(**{**TINY, "bound": "hoeffding", "alpha": 1e-6}, out=str(out))
+    s2 = pipeline.run(cfg, train=False, progress=False, log=logs2.append)
+    warning = [line for line in logs2 if line.startswith("warning: with M=12 models the hoeffding bound")]
+    assert warning and f"--models {need} or more" in warning[0] and "clopper-pearson needs" in warning[0]
+    assert s2["methods"]["rab"]["clean"]["abstain_rate"] == 1.0  # what the warning predicted
+    pipeline.run(RunConfig(**TINY, out=str(out)), train=False, progress=False, log=lambda s: None)
+
+
 @pytest.mark.parametrize("bound", ["clopper-pearson", "hoeffding"])
 def test_kernel_and_reference_backends_give_the_same_certificates(tiny_run, bound):
     out, _, _ = tiny_run
