@@ -53,6 +53,12 @@ def _pct(x: Optional[float], digits: int = 1) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f}"
 
 
+def cell_label(cell: dict) -> str:
+    """A cell's axis values for headings: 'trigger onepixel, sigma0 0.25' (its folder name if it has none)."""
+    point = cell.get("point") or {}
+    return ", ".join(f"{k} {v}" for k, v in point.items()) if point else cell["cell"]
+
+
 def _fmt_s(seconds: float) -> str:
     seconds = float(seconds)
     if seconds < 90:
@@ -230,7 +236,7 @@ def _figure(cells: list[dict], bound: str, path: Path) -> bool:
                 if curve:
                     ax.plot([float(r) for r in curve], list(curve.values()), style, marker=".", color=color,
                             label=f"{METHOD_LABEL[method]} {split}")
-        ax.set_title(c["cell"].replace("_", " "), fontsize=8)
+        ax.set_title(cell_label(c), fontsize=8)
         ax.set_xlabel("L2 radius", fontsize=8)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
@@ -282,13 +288,18 @@ def page_markdown(page: str, cells: list[dict], figure_dir: Path) -> str:
     by_exp: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for c in cells:
         by_exp[(c["experiment"], c["scale"])].append(c)
-    for (exp_name, scale), exp_cells in sorted(by_exp.items(), key=lambda kv: (kv[0][1] != "full", kv[0])):
+    exps = {name: Experiment.load(f) for name, _ in by_exp
+            if (f := Path("experiments") / f"{name}.json").exists()}
+
+    def title(name: str) -> str:
+        return exps[name].title if name in exps else name
+
+    # full scale first, then by title: the paper's task ("MNIST 1 vs 0") before its variants
+    for (exp_name, scale), exp_cells in sorted(by_exp.items(),
+                                               key=lambda kv: (kv[0][1] != "full", title(kv[0][0]), kv[0])):
         exp_cells.sort(key=lambda c: c["cell"])
-        exp = None
-        exp_file = Path("experiments") / f"{exp_name}.json"
-        if exp_file.exists():
-            exp = Experiment.load(exp_file)
-        head = exp.title if exp else exp_name
+        exp = exps.get(exp_name)
+        head = title(exp_name)
         out.append(f"## {head}: {scale} scale" + ("" if scale == "full" else " (REDUCED: not the paper's M and "
                                                                                 "epochs)"))
         out.append("")
@@ -312,7 +323,7 @@ def page_markdown(page: str, cells: list[dict], figure_dir: Path) -> str:
                 s = c["summaries"].get(bound)
                 if not s:
                     continue
-                out += [f"### {c['cell'].replace('_', ', ')}; {bound}", "", cell_table(s), "",
+                out += [f"### {cell_label(c)}; {bound}", "", cell_table(s), "",
                         _attack_line(s), ""]
                 for line in (_sigma_line(s), _ceiling_line(s)):
                     if line:

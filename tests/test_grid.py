@@ -115,7 +115,7 @@ def test_grid_runs_resumes_and_writes_pages(tmp_path, monkeypatch):
     s = json.loads((cell_dir / "hoeffding" / "summary.json").read_text())
     rab0 = s["methods"]["rab"]["clean"]["certified_accuracy"]["0.0"]
     assert f"| 0.0 | {100 * rab0:.1f} |" in page  # the table's first number is the summary's
-    assert "digits-tiny" in page and "### sigma0-0.25; clopper-pearson" in page
+    assert "digits-tiny" in page and "### sigma0 0.25; clopper-pearson" in page
     assert (tmp_path / "docs" / "digits-digits-tiny-full-hoeffding.png").stat().st_size > 1000
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("tail\n") and "old" not in text
