@@ -44,7 +44,7 @@ def test_shipped_experiment_files_are_valid():
             "mnist-10class", "cifar10-10class", "mnist-1v0-published"} <= names
     mnist = Experiment.load(REPO / "experiments" / "mnist-1v0.json")
     assert len(mnist.cells("full")) == 12  # 3 triggers x 4 sigma0
-    assert {c.point["sigma0"] for c in mnist.cells("cpu")} == {0.25, 0.5}
+    assert {c.point["sigma0"] for c in mnist.cells("cpu")} == {0.25, 0.5, 1.0}
 
 
 def test_cells_names_and_only_filter():
