@@ -125,7 +125,7 @@ def test_too_few_models_for_the_bound_is_said_up_front(tiny_run):
     cfg = RunConfig(**{**TINY, "bound": "hoeffding", "alpha": 1e-6}, out=str(out))
     s2 = pipeline.run(cfg, train=False, progress=False, log=logs2.append)
     warning = [line for line in logs2 if line.startswith("warning: with M=12 models the hoeffding bound")]
-    assert warning and f"--models {need} or more" in warning[0] and "clopper-pearson needs" in warning[0]
+    assert warning and f"--models {need} or more" in warning[0] and "(clopper-pearson: --models" in warning[0]
     assert s2["methods"]["rab"]["clean"]["abstain_rate"] == 1.0  # what the warning predicted
     pipeline.run(RunConfig(**TINY, out=str(out)), train=False, progress=False, log=lambda s: None)
 
