@@ -114,6 +114,22 @@ def test_certify_only_and_report(tiny_run):
     pipeline.run(RunConfig(**TINY, out=str(out)), train=False, progress=False, log=lambda s: None)
 
 
+def test_cert_ssb_with_sigma_pinned_to_sigma0_is_rab(tmp_path):
+    """Both methods share models' seeds, data order and noise streams, so Cert-SSB whose sigma search
+    may not move (sigma_min = sigma_max = sigma0) must certify exactly what RAB certifies before its
+    storage update: a check that the comparison on the results pages is like for like."""
+    cfg = RunConfig(**{**TINY, "models": 6, "epochs": 3, "base_epochs": 3, "sigma_min": 0.25, "sigma_max": 0.25},
+                    out=str(tmp_path))
+    pipeline.run(cfg, progress=False, log=lambda s: None)
+    for split in ("clean", "triggered"):
+        rab, _ = read_certificates_csv(tmp_path / f"certificates-rab-{split}.csv")
+        ssb, _ = read_certificates_csv(tmp_path / f"certificates-cert-ssb-{split}.csv")
+        assert torch.all(ssb["sigma"] == 0.25) and torch.all(rab["sigma"] == 0.25)
+        assert torch.equal(ssb["predict_raw"], rab["predict"]) and torch.equal(ssb["abstain"], rab["abstain"])
+        torch.testing.assert_close(ssb["pA_lower"], rab["pA_lower"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(ssb["radius_raw"], rab["radius"], rtol=0, atol=1e-6)
+
+
 def test_too_few_models_for_the_bound_is_said_up_front(tiny_run):
     out, summary, logs = tiny_run
     assert not any(line.startswith("warning: with M=") for line in logs)  # 12 models certify at alpha 0.1
