@@ -24,6 +24,12 @@ CSV_COLUMNS = ("idx", "label", "predict", "radius", "correct", "sigma", "pA_lowe
                "predict_raw", "radius_raw", "target")
 
 
+def csv_cell(v):
+    """A certificate CSV cell: bools as 0/1, floats to 6 significant digits (shared by every writer,
+    so a streamed certificate file is byte-identical to the pipeline's)."""
+    return int(v) if isinstance(v, bool) else (f"{v:.6g}" if isinstance(v, float) else v)
+
+
 def radius_key(r: float) -> str:
     return f"{float(r):g}" if float(r) != int(r) else f"{float(r):.1f}"
 
@@ -88,8 +94,7 @@ def write_certificates_csv(path: str | Path, rows: Mapping[str, torch.Tensor],
             elif k not in cols:
                 out.append("")
             else:
-                v = cols[k][j]
-                out.append(int(v) if isinstance(v, bool) else (f"{v:.6g}" if isinstance(v, float) else v))
+                out.append(csv_cell(cols[k][j]))
         w.writerow(out)
     atomic_write_text(path, buf.getvalue())
 

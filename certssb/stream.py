@@ -63,7 +63,7 @@ from .models import build_model, count_parameters
 from .regions import FORMAT_VERSION as STORE_FORMAT_VERSION, RegionStore
 from .regions import _FORMAT_NAME as STORE_FORMAT_NAME, _META_KEY as STORE_META_KEY
 from .rundir import check_compatible
-from .report import CSV_COLUMNS, radius_key
+from .report import CSV_COLUMNS, csv_cell, radius_key
 from .runlock import run_lock
 from .sigma import optimize_sigma
 from .training import Schedule
@@ -866,8 +866,7 @@ def _csv_lines(t: dict[str, torch.Tensor]) -> str:
             elif k not in cols:
                 row.append("")
             else:
-                v = cols[k][j]
-                row.append(int(v) if isinstance(v, bool) else (f"{v:.6g}" if isinstance(v, float) else v))
+                row.append(csv_cell(cols[k][j]))
         w.writerow(row)
     return buf.getvalue()
 
