@@ -89,8 +89,10 @@ class GroupedBatchNorm2d(nn.BatchNorm2d):
         b = bns[0]
         self.models = len(bns)
         self.channels = b.num_features
+        like = b.running_mean if b.running_mean is not None else b.weight  # keep the plain models' dtype
         super().__init__(b.num_features * len(bns), eps=b.eps, momentum=b.momentum, affine=b.affine,
-                         track_running_stats=b.track_running_stats)
+                         track_running_stats=b.track_running_stats,
+                         dtype=like.dtype if like is not None else None)
         with torch.no_grad():
             if b.affine:
                 self.weight.copy_(torch.cat([m.weight.detach() for m in bns]))
@@ -293,7 +295,9 @@ def activation_floats(model: nn.Module, sample_shape: Sequence[int]) -> int:
     was_training = model.training
     try:
         with torch.no_grad():
-            model.train()(torch.zeros(2, *sample_shape))
+            param = next(model.parameters(), None)  # the probe input takes the model's dtype (float64 models)
+            dtype = param.dtype if param is not None else torch.float32
+            model.train()(torch.zeros(2, *sample_shape, dtype=dtype))
     finally:
         for h in handles:
             h.remove()

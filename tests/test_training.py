@@ -31,20 +31,23 @@ def _rel_diff(a: dict, b: dict, init: dict) -> float:
     return (num / max(den, 1e-30)) ** 0.5
 
 
-@pytest.mark.parametrize("arch,shape,n,schedule,models,chunk", [
+_GROUP_CASES = [
     ("digits-cnn", (1, 8, 8), 40, Schedule(epochs=2, batch_size=16, lr=1e-3), [5, 6, 7], None),
     ("digits-cnn", (1, 8, 8), 40, Schedule(epochs=2, batch_size=16, lr=1e-3), [5, 6, 7], 2),  # chunks 2 + 1
     ("mnist-cnn", (1, 16, 16), 24, Schedule(epochs=1, batch_size=8, lr=1e-3), [0, 1], 1),
     ("cifar-preact-resnet", (3, 8, 8), 24, Schedule(epochs=1, batch_size=8, lr=1e-3), [0, 1], None),
     ("resnet18", (3, 8, 8), 16, Schedule(epochs=1, batch_size=8, lr=1e-3), [2, 3], None),
-])
-def test_group_training_equals_the_plain_loop(arch, shape, n, schedule, models, chunk):
-    """Same seeds -> same models: init, fixed training noise, batch order, Adam; BN statistics per model."""
+]
+
+
+def _train_both(arch, shape, n, schedule, models, chunk, dtype):
+    """(group, plain models, inits, x_test) trained from the same seeds in `dtype`."""
     x, y, sigma = _data(n, shape, 3)
+    x, sigma = x.to(dtype), sigma.to(dtype)
     inits = []
     for k in models:
         torch.manual_seed(100 + k)
-        inits.append(build_model(arch, shape[0], 3, shape[1:]))
+        inits.append(build_model(arch, shape[0], 3, shape[1:]).to(dtype))
     plain = []
     for k, init in zip(models, inits):
         m = copy.deepcopy(init)
@@ -55,18 +58,39 @@ def test_group_training_equals_the_plain_loop(arch, shape, n, schedule, models, 
     out = train_group(group, x, y, sigma, models=models, schedule=schedule, seed=3, progress=bar, chunk=chunk)
     assert out is group and not group.training
     assert bar.n == schedule.epochs
-    x_test = torch.rand(5, *shape)
+    return group, plain, inits, torch.rand(5, *shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("arch,shape,n,schedule,models,chunk", _GROUP_CASES)
+def test_group_training_equals_the_plain_loop(arch, shape, n, schedule, models, chunk):
+    """Same seeds -> same models: init, fixed training noise, batch order, Adam; BN statistics per model.
+
+    Compared in float64, where the two paths differ only by the order of their float64 sums
+    (about 1e-16 relative). Adam amplifies a gradient difference dg by at most lr * dg / eps
+    (eps = 1e-8) per step, so a 1e-16 rounding difference moves a weight by about 1e-11 at
+    most: 1e-8 leaves three orders of margin on any CPU. (In float32 the same amplification
+    turns 1e-7 roundings into weight differences of order lr, on whichever weights happen to
+    have near-zero gradients on that CPU's oneDNN path: that is no test of equality.)
+    """
+    group, plain, inits, x_test = _train_both(arch, shape, n, schedule, models, chunk, torch.float64)
     logits = group(x_test.expand(len(models), *x_test.shape))
     for j, (state, m, init) in enumerate(zip(group.state_dicts(), plain, inits)):
         ref = m.state_dict()
-        # Adam moves every weight by about lr whatever the gradient's size, so the few weights whose
-        # gradient is at rounding level may move differently: bound the share of those, and the total
-        assert _rel_diff(state, ref, init.state_dict()) < 1e-2, (arch, j)
-        diff = torch.cat([(state[k] - ref[k]).abs().flatten() for k in ref if ref[k].is_floating_point()])
-        assert float((diff > 1e-4).double().mean()) < 1e-3, (arch, j)
-        for key in ref:  # buffers (running statistics, batch counts) too
-            assert torch.allclose(state[key].double(), ref[key].double(), atol=2e-3, rtol=1e-3), key
-        assert torch.allclose(logits[j], m(x_test), atol=1e-3, rtol=1e-3)
+        assert set(state) == set(ref)
+        for key in ref:  # parameters and buffers (running statistics, batch counts)
+            assert state[key].dtype == ref[key].dtype, key
+            assert torch.allclose(state[key], ref[key], rtol=1e-8, atol=1e-8), (arch, j, key)
+        assert torch.allclose(logits[j], m(x_test), rtol=1e-8, atol=1e-8), (arch, j)
+
+
+@pytest.mark.parametrize("arch,shape,n,schedule,models,chunk", _GROUP_CASES[:1] + _GROUP_CASES[3:4])
+def test_group_training_in_float32_moves_weights_like_the_plain_loop(arch, shape, n, schedule, models, chunk):
+    """The production dtype: the two paths' weight updates agree in norm (a loose, machine-independent
+    bound: Adam can move a near-zero-gradient weight by up to lr per step either way, so only the
+    total relative difference of the updates is bounded, not each weight)."""
+    group, plain, inits, _ = _train_both(arch, shape, n, schedule, models, chunk, torch.float32)
+    for state, m, init in zip(group.state_dicts(), plain, inits):
+        assert _rel_diff(state, m.state_dict(), init.state_dict()) < 5e-2, arch
 
 
 class _Counter:
