@@ -41,9 +41,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's certssb, installed or not
-from certssb.fileio import atomic_write_json, atomic_write_text, read_json
-from certssb.region_index import faiss_available
-from certssb.regions import RegionDecision, RegionStore
+from certssb.core.files import atomic_write_json, atomic_write_text, read_json
+from certssb.certify.region_search import faiss_available
+from certssb.certify.regions import RegionDecision, RegionStore
 
 FULL_CASES = [(784, 10_000), (784, 100_000), (3072, 10_000), (3072, 100_000), (150_528, 10_000)]
 SMOKE_CASES = [(64, 600), (784, 300)]
@@ -326,7 +326,7 @@ def render_markdown(runs: list[dict], sources: list[str]) -> str:
              "under 2 s); `agree`: the script checked that both took identical decisions. At 150,528 "
              "features the FAISS backend filters blocks of more than 16 inputs in float64 (FAISS's "
              "float32 error bound grows with D ||x||^2 and would let nearly every pair through; see "
-             "certssb/region_index.py).", ""]
+             "certssb/certify/region_search.py).", ""]
     for run in runs:
         env = run["env"]
         lines += [f"## {env['device']}: {env.get('gpu', env['cpu'])}", "",

@@ -1,6 +1,6 @@
 """Ensemble training and certification throughput: vectorized groups against a serial RAB-style loop.
 
-Training: the vectorized path (`certssb.training.train_group`: one group of
+Training: the vectorized path (`certssb.smoothing.training.train_group`: one group of
 Mc models, the group's fixed noisy inputs drawn through `noisy_copies`, one
 fused Adam) against the original code's way (RAB, Weber et al.): one model at
 a time, its noisy training set drawn with torch.randn and stored, its own
@@ -8,7 +8,7 @@ shuffling DataLoader, Adam. Same data, architecture, epochs, batch size and
 hardware, in one run; reported as seconds per trained model and models per
 hour. The one-time noise draw of the vectorized path is timed apart as well.
 
-Certification: `certssb.certify.collect_votes` with the Mc models as one group
+Certification: `certssb.certify.votes.collect_votes` with the Mc models as one group
 (one forward of [Mc, b, ...] per batch of inputs) against the same models one
 at a time; reported as inputs x models per second.
 
@@ -39,13 +39,13 @@ from torch.utils.data import DataLoader, TensorDataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
-from certssb.certify import collect_votes  # noqa: E402
-from certssb.data import load_task  # noqa: E402
-from certssb.ensemble import EnsembleSpec, choose_group_size  # noqa: E402
-from certssb.models import build_model, default_arch  # noqa: E402
-from certssb.seeding import derive_seed  # noqa: E402
-from certssb.training import GroupNoise, Schedule, default_chunk, train_group  # noqa: E402
-from certssb.vectorized import GroupedModel  # noqa: E402
+from certssb.certify.votes import collect_votes  # noqa: E402
+from certssb.data.loading import load_task  # noqa: E402
+from certssb.smoothing.ensemble import EnsembleSpec, choose_group_size  # noqa: E402
+from certssb.models.architectures import build_model, default_arch  # noqa: E402
+from certssb.core.seeding import derive_seed  # noqa: E402
+from certssb.smoothing.training import GroupNoise, Schedule, default_chunk, train_group  # noqa: E402
+from certssb.models.grouped import GroupedModel  # noqa: E402
 
 SIGMA = 0.25
 
@@ -318,7 +318,7 @@ def _noise_backend() -> str:
 
 
 def _write(path, text: str) -> None:
-    from certssb.fileio import atomic_write_text
+    from certssb.core.files import atomic_write_text
     atomic_write_text(path, text)
     print(f"wrote {path}")
 
@@ -353,7 +353,7 @@ def markdown(data: dict) -> str:
         *([data["note"], ""] if data.get("note") else []),
         f"Task: {s['dataset']} classes {s['classes']}, {s['n_train']} training images, {s['arch']}, "
         f"{s['epochs']} epochs, batch {s['batch_size']}, Adam lr {s['lr']}. Vectorized "
-        f"(`certssb.training.train_group`): one group of Mc = {s['group_size']} models sharing the mini-batch "
+        f"(`certssb.smoothing.training.train_group`): one group of Mc = {s['group_size']} models sharing the mini-batch "
         f"order, forward, backward and Adam step in chunks of {s['chunk']} model(s)"
         + (f", {s['threads']} chunks at a time on single-threaded workers" if data["device_type"] == "cpu"
            and s["threads"] > 1 and s["chunk"] < s["group_size"] else "")

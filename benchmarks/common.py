@@ -92,7 +92,7 @@ def print_table(results: list[dict]) -> None:
 
 def write_json(path: str | None, data: dict) -> None:
     if path:
-        from certssb.fileio import atomic_write_json
+        from certssb.core.files import atomic_write_json
 
         atomic_write_json(path, data)
         print(f"wrote {path}")

@@ -10,13 +10,13 @@ import os
 import sys
 from pathlib import Path
 
-from .config import DATASET_NAMES, TRIGGER_NAMES, RunConfig, parse_radii
+from .runner.config import DATASET_NAMES, TRIGGER_NAMES, RunConfig, parse_radii
 from .errors import CertssbError
 from .kernels import BACKENDS
 
 
 def _classes(text: str):
-    from .data import parse_classes
+    from .data.loading import parse_classes
     try:
         return parse_classes(text)
     except CertssbError as e:  # argparse shows ArgumentTypeError messages verbatim
@@ -212,7 +212,7 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def _print_summary(summary: dict, out: str) -> None:
-    from .report import format_table
+    from .report.metrics import format_table
     print(format_table(summary))
     print(f"\nrun directory: {out} (summary.json, certificates-*.csv, certified_accuracy.png)")
 
@@ -265,9 +265,9 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from . import pipeline
-    from .report import regenerate
-    from .distributed import Dist
+    from .runner import pipeline
+    from .report.metrics import regenerate
+    from .runner.distributed import Dist
     main_rank = Dist.from_env().is_main  # under torchrun only rank 0 prints results
     if args.command in ("run", "train"):
         cfg = _config_from_args(args)
@@ -280,7 +280,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             print(f"trained: {', '.join(summary['methods'])}; certify with `certssb certify --out {cfg.out}`")
         return 0
     if args.command == "certify":
-        from .rundir import check_compatible
+        from .runner.rundir import check_compatible
         path = Path(args.out) / "config.json"
         if not path.exists():
             raise CertssbError(f"{path} not found: --out must be a run directory written by "
@@ -293,7 +293,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         cfg.out = args.out
         regions = None
         if args.regions is not None:
-            from .regions import RegionStore
+            from .certify.regions import RegionStore
             if not Path(args.regions).is_file():
                 raise CertssbError(f"--regions {args.regions} does not exist; pass a region store saved by an "
                                    "earlier run (RUN/regions-<method>-<split>.safetensors)")
@@ -305,12 +305,12 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "grid":
         return _grid(args)
     if args.command == "pages":
-        from .results_pages import write_pages
+        from .report.pages import write_pages
         for path in write_pages(args.runs, args.docs, readme=args.readme):
             print(f"wrote {path}")
         return 0
     if args.command == "certify-stream":
-        from .stream import InputFile, RunCertifier, certify_stream, format_summary
+        from .runner.stream import InputFile, RunCertifier, certify_stream, format_summary
         log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
         run = RunCertifier(args.out, method=args.method, bound=args.bound, alpha=args.alpha, device=args.device,
                            backend=args.backend, eval_batch_size=args.eval_batch_size, log=log)
@@ -346,7 +346,7 @@ def _experiment_files(names: list[str]) -> list[Path]:
 
 
 def _grid(args: argparse.Namespace) -> int:
-    from .grid import Experiment, parse_only, run_grid
+    from .experiments.grid import Experiment, parse_only, run_grid
     experiments = [Experiment.load(f) for f in _experiment_files(args.experiments)]
     overrides = {k: v for k, v in (("device", args.device), ("group_size", args.group_size)) if v is not None}
     cells = run_grid(experiments, args.scale, args.out, only=parse_only(args.only), overrides=overrides,
@@ -356,7 +356,7 @@ def _grid(args: argparse.Namespace) -> int:
     print(f"grid: {counts['done']} cells run, {counts['skipped']} already finished"
           + (f", {counts['planned']} planned" if args.dry_run else "") + f" (under {args.out})")
     if args.pages and not args.dry_run:
-        from .results_pages import write_pages
+        from .report.pages import write_pages
         for path in write_pages(args.out, args.pages):
             print(f"wrote {path}")
     return 0

@@ -5,7 +5,7 @@ certifies the test set, then counts the certified predictions that change under
 (a) test-time perturbations just inside each certified radius (random and
 gradient directions; controls outside it) and (b) a backdoor of joint L2 norm
 below eps planted in the training set and the test inputs, retrained with the
-same seeds. See certssb/soundness.py for the method.
+same seeds. See certssb/experiments/soundness.py for the method.
 
     python scripts/empirical_soundness.py --smoke --json /tmp/s.json --md /tmp/s.md   # < 30 s
     OMP_NUM_THREADS=1 python scripts/empirical_soundness.py --dataset mnist --models 50 --epochs 2
@@ -25,10 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
-from certssb.bounds import BOUNDS  # noqa: E402
+from certssb.certify.bounds import BOUNDS  # noqa: E402
 from certssb.errors import CertssbError  # noqa: E402
-from certssb.fileio import atomic_write_json, atomic_write_text, read_json  # noqa: E402
-from certssb.soundness import (SOUNDNESS_DATASETS, SoundnessConfig, check_report,  # noqa: E402
+from certssb.core.files import atomic_write_json, atomic_write_text, read_json  # noqa: E402
+from certssb.experiments.soundness import (SOUNDNESS_DATASETS, SoundnessConfig, check_report,  # noqa: E402
                                format_markdown, run_soundness)
 
 # The smoke run: 8x8 digits, a handful of models, one epoch; a large alpha so that such a small

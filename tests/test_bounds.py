@@ -1,4 +1,4 @@
-"""Tests for certssb.bounds: exact values against SciPy, edge cases, gradients, coverage."""
+"""Tests for certssb.certify.bounds: exact values against SciPy, edge cases, gradients, coverage."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import pytest
 import scipy.stats
 import torch
 
-from certssb.bounds import (
+from certssb.certify.bounds import (
     BOUNDS,
     PA_MAX,
     certified_radius,

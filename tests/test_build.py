@@ -260,9 +260,9 @@ def test_philox_and_box_muller_match_python_on_random_inputs(philox_binary: Path
 
 
 def test_philox_header_matches_the_noise_reference(philox_binary: Path) -> None:
-    noise = pytest.importorskip("certssb.noise")
+    noise = pytest.importorskip("certssb.smoothing.noise")
     if not hasattr(noise, "normal"):
-        pytest.skip("certssb.noise.normal not present")
+        pytest.skip("certssb.smoothing.noise.normal not present")
     seed, stream, a, b, numel = 0x0123456789ABCDEF, 1, 7, 42, 10
     key = (seed & MASK32, seed >> 32)
     cases = [((stream, a, b, blk), key) for blk in range((numel + 3) // 4)]

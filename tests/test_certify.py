@@ -6,9 +6,9 @@ import torch
 from scipy import stats
 from torch import nn
 
-from certssb.certify import Votes, certify_models, certify_votes, collect_votes
+from certssb.certify.votes import Votes, certify_models, certify_votes, collect_votes
 from certssb.errors import CertssbError
-from certssb.noise import Stream, noisy_copies
+from certssb.smoothing.noise import Stream, noisy_copies
 
 
 class Fixed(nn.Module):

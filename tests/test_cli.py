@@ -41,9 +41,9 @@ def test_certify_continues_a_region_store(run_dir, tmp_path, capsys):
 
     import torch
 
-    from certssb.fileio import sha256_file
-    from certssb.region_index import resolve_backend
-    from certssb.regions import RegionStore
+    from certssb.core.files import sha256_file
+    from certssb.certify.region_search import resolve_backend
+    from certssb.certify.regions import RegionStore
 
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)

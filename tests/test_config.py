@@ -1,7 +1,7 @@
 """Run configuration: per-dataset defaults, validation messages, radii parsing."""
 import pytest
 
-from certssb.config import RunConfig, parse_radii
+from certssb.runner.config import RunConfig, parse_radii
 from certssb.errors import CertssbError
 
 

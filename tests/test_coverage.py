@@ -28,8 +28,8 @@ import numpy as np
 import pytest
 import torch
 
-from certssb import bounds
-from certssb.certify import Certificates, Votes, certify_votes
+from certssb.certify import bounds
+from certssb.certify.votes import Certificates, Votes, certify_votes
 from certssb.kernels.radius import certify_radius
 from certssb.kernels.vote import UNITS_PER_ONE, vote_accumulate
 

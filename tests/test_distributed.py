@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from certssb.certify import Votes
-from certssb.distributed import Dist, all_reduce_votes, shard
+from certssb.certify.votes import Votes
+from certssb.runner.distributed import Dist, all_reduce_votes, shard
 from certssb.errors import CertssbError
 
 REPO = Path(__file__).resolve().parents[1]

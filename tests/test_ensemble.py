@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from certssb import ensemble as ensemble_mod
-from certssb.ensemble import EnsembleDir, EnsembleSpec, choose_group_size, group_ranges, model_file, model_memory
+from certssb.smoothing import ensemble as ensemble_mod
+from certssb.smoothing.ensemble import EnsembleDir, EnsembleSpec, choose_group_size, group_ranges, model_file, model_memory
 from certssb.errors import CheckpointError, CertssbError
-from certssb.fileio import load_tensors, read_json
-from certssb.training import Schedule
-from certssb.vectorized import GroupedModel
+from certssb.core.files import load_tensors, read_json
+from certssb.smoothing.training import Schedule
+from certssb.models.grouped import GroupedModel
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -26,13 +26,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from certssb import bounds
-from certssb.certify import Votes, certify_votes
+from certssb.certify import bounds
+from certssb.certify.votes import Votes, certify_votes
 from certssb.errors import CertssbError
 from certssb.kernels.noise import noise
 from certssb.kernels.radius import certify_radius, radius_proxy
 from certssb.kernels.vote import MAX_MODELS, UNITS_PER_ONE, reference_accumulate, vote_accumulate, vote_top2
-from certssb.noise import noisy_copies
+from certssb.smoothing.noise import noisy_copies
 
 F64 = torch.float64
 FUZZ = settings(max_examples=80, deadline=None, derandomize=True, database=None, print_blob=True,

@@ -1,4 +1,4 @@
-"""certssb.grid and certssb.results_pages: experiment files, cells, resume, results pages."""
+"""certssb.experiments.grid and certssb.report.pages: experiment files, cells, resume, results pages."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,8 @@ import pytest
 
 from certssb.cli import main
 from certssb.errors import CertssbError
-from certssb.grid import Experiment, cell_name, parse_only, run_grid
-from certssb.results_pages import compare_methods, find_cells, published_headline, write_pages
+from certssb.experiments.grid import Experiment, cell_name, parse_only, run_grid
+from certssb.report.pages import compare_methods, find_cells, published_headline, write_pages
 
 REPO = Path(__file__).resolve().parents[1]
 

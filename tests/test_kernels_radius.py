@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from certssb import bounds
+from certssb.certify import bounds
 from certssb.errors import CertssbError
 from certssb.kernels.radius import certify_radius, radius_proxy
 

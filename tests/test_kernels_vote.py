@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from certssb.bounds import top2
-from certssb.certify import Votes
+from certssb.certify.bounds import top2
+from certssb.certify.votes import Votes
 from certssb.errors import CertssbError
 from certssb.kernels.vote import UNITS_PER_ONE, reference_accumulate, vote_accumulate, vote_top2
 

@@ -4,7 +4,7 @@ import torch
 from scipy import stats
 
 from certssb.errors import CertssbError
-from certssb.noise import Stream, noisy_copies, normal, philox4x32, sample_ids
+from certssb.smoothing.noise import Stream, noisy_copies, normal, philox4x32, sample_ids
 
 M32 = 0xFFFFFFFF
 

@@ -1,4 +1,4 @@
-"""Tests for certssb.region_index: the candidate search never misses a conflict (also under
+"""Tests for certssb.certify.region_search: the candidate search never misses a conflict (also under
 severe float32 cancellation), the float32 error bound holds for FAISS, the filter does prune,
 CSR results, and the choice of backend with its error messages."""
 from __future__ import annotations
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import certssb.region_index as ri
+import certssb.certify.region_search as ri
 from certssb.errors import CertssbError
-from certssb.region_index import (FaissIndex, ReferenceIndex, StoreArrays, TorchDenseIndex, make_index,
+from certssb.certify.region_search import (FaissIndex, ReferenceIndex, StoreArrays, TorchDenseIndex, make_index,
                                   resolve_backend, sq_dist_error_coeff)
-from certssb.regions import RegionStore, exact_distances
+from certssb.certify.regions import RegionStore, exact_distances
 
 HAS_FAISS = ri.faiss_available()
 needs_faiss = pytest.mark.skipif(not HAS_FAISS, reason="faiss is not installed")

@@ -1,4 +1,4 @@
-"""Tests for certssb.regions: hand-made storage updates, random streams against an independent
+"""Tests for certssb.certify.regions: hand-made storage updates, random streams against an independent
 numpy re-implementation, the invariant, stream order, persistence and errors, each run with
 every CPU search backend (reference, faiss, torch-gpu on CPU tensors) and, under needs_cuda,
 the GPU backend. Decisions must be bit-identical across backends."""
@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from certssb.errors import CertssbError, CheckpointError
-from certssb.fileio import save_tensors
-from certssb.region_index import faiss_available
-from certssb.regions import FORMAT_VERSION, UPDATE_KINDS, RegionDecision, RegionStore
+from certssb.core.files import save_tensors
+from certssb.certify.region_search import faiss_available
+from certssb.certify.regions import FORMAT_VERSION, UPDATE_KINDS, RegionDecision, RegionStore
 
 
 HAS_FAISS = faiss_available()
@@ -577,7 +577,7 @@ def test_version_1_files_still_load(tmp_path):
 
 
 def _write(path, centres, labels, radii, meta=None, raw_meta=None, queries=None):
-    m = {"format": "certssb.regions", "version": FORMAT_VERSION,
+    m = {"format": "certssb.certify.regions", "version": FORMAT_VERSION,
          "dim": centres.shape[1] if centres.dim() == 2 else None,
          "n": labels.shape[0], "counts": {k: 0 for k in UPDATE_KINDS}}
     if meta:
@@ -652,7 +652,7 @@ def test_load_rejects_corrupt_files(tmp_path):
                      "x": torch.zeros(1)},
                     {"centres": good_c, "labels": good_l, "radii": good_r}):
         save_tensors(p, tensors, metadata={"certssb_region_store": json.dumps(
-            {"format": "certssb.regions", "version": FORMAT_VERSION, "dim": 3, "n": 2,
+            {"format": "certssb.certify.regions", "version": FORMAT_VERSION, "dim": 3, "n": 2,
              "counts": {"none": 2, "trim": 0, "align": 0, "abstain": 0}})})
         with pytest.raises(CheckpointError, match="expected tensors"):
             RegionStore.load(p)
@@ -663,7 +663,7 @@ def test_load_rejects_corrupt_files(tmp_path):
 
 def test_chunked_distances_give_the_same_decisions(monkeypatch):
     """Tiny distance blocks (as for huge stores / ImageNette-sized inputs) change nothing."""
-    import certssb.regions as regions
+    import certssb.certify.regions as regions
 
     xs, labels, radii, abstain = random_stream(21, 10, 120)
     args = (torch.from_numpy(xs), torch.from_numpy(labels), torch.from_numpy(radii), torch.from_numpy(abstain))
@@ -682,7 +682,7 @@ def test_chunked_distances_give_the_same_decisions(monkeypatch):
 def test_exact_distances_do_not_depend_on_the_other_rows():
     """What makes candidate-only decisions bit-identical: the distance to a row is the same
     whether it is computed alone, among candidates, or in a full scan (any D)."""
-    from certssb.regions import exact_distances
+    from certssb.certify.regions import exact_distances
 
     g = torch.Generator().manual_seed(3)
     for dim in (1, 7, 784, 3072):

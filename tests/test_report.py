@@ -1,7 +1,7 @@
 """Metrics and files of the report stage."""
 import torch
 
-from certssb.report import (certified_accuracy, format_table, read_certificates_csv, split_metrics,
+from certssb.report.metrics import (certified_accuracy, format_table, read_certificates_csv, split_metrics,
                             write_certificates_csv)
 
 

@@ -11,16 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from certssb import RunConfig, pipeline
+from certssb.runner import pipeline
+from certssb import RunConfig
 from certssb.cli import main
-from certssb.distributed import Dist
+from certssb.runner.distributed import Dist
 from certssb.errors import CertssbError
-from certssb.fileio import atomic_write_json
-from certssb.runlock import LOCK_NAME, holder, run_lock
+from certssb.core.files import atomic_write_json
+from certssb.runner.lock import LOCK_NAME, holder, run_lock
 
 HOLDER = """
 import sys, time
-from certssb.runlock import run_lock
+from certssb.runner.lock import run_lock
 with run_lock(sys.argv[1], "certssb run"):
     print("locked", flush=True)
     time.sleep(120)
@@ -93,7 +94,7 @@ def test_lock_is_reentrant_in_one_process_and_released_after(tmp_path):
         assert holder(out)["pid"] == proc.pid
     finally:
         _kill(proc)
-    assert (out / LOCK_NAME).is_file()  # never deleted (see certssb.runlock)
+    assert (out / LOCK_NAME).is_file()  # never deleted (see certssb.runner.lock)
 
 
 def test_only_rank_0_takes_the_lock(tmp_path, monkeypatch):
@@ -116,7 +117,7 @@ def test_only_rank_0_takes_the_lock(tmp_path, monkeypatch):
 
 def test_two_racing_processes_one_wins(tmp_path):
     out, release = tmp_path / "run", tmp_path / "release"
-    code = ("import os, sys, time\nfrom certssb.runlock import run_lock\nfrom certssb.errors import CertssbError\n"
+    code = ("import os, sys, time\nfrom certssb.runner.lock import run_lock\nfrom certssb.errors import CertssbError\n"
             "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
             "try:\n    with run_lock(sys.argv[1], 'certssb run'):\n        print('won', flush=True)\n"
             "        while not os.path.exists(sys.argv[3]):\n            time.sleep(0.05)\n"

@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from certssb.errors import CertssbError
-from certssb.noise import sample_ids
-from certssb.sigma import SigmaSearch, optimize_sigma, sigma_stats
+from certssb.smoothing.noise import sample_ids
+from certssb.smoothing.sigma import SigmaSearch, optimize_sigma, sigma_stats
 
 
 class Margin(nn.Module):

@@ -1,4 +1,4 @@
-"""The empirical soundness check (certssb.soundness, scripts/empirical_soundness.py).
+"""The empirical soundness check (certssb.experiments.soundness, scripts/empirical_soundness.py).
 
 The smoke run must produce a well-formed, self-consistent report (tried >=
 changed, every counted input certified beyond the backdoor's joint norm,
@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from certssb.data import load_task
+from certssb.data.loading import load_task
 from certssb.errors import CertssbError
-from certssb.soundness import (SoundnessConfig, backdoor_check, certify_inputs, check_report,
+from certssb.experiments.soundness import (SoundnessConfig, backdoor_check, certify_inputs, check_report,
                                class_means, format_markdown, margin_gradient, perturbation_check,
                                plant_backdoor, train_ensemble, unit_directions)
 

@@ -1,6 +1,6 @@
-"""Streaming certification (certssb.stream): results, resume after a kill, corruption, input checks, CLI.
+"""Streaming certification (certssb.runner.stream): results, resume after a kill, corruption, input checks, CLI.
 
-Also the resumable votes of the pipeline's own certification (certssb.certify.VoteCheckpoint).
+Also the resumable votes of the pipeline's own certification (certssb.certify.votes.VoteCheckpoint).
 """
 from __future__ import annotations
 
@@ -17,17 +17,17 @@ import numpy as np
 import pytest
 import torch
 
-from certssb import pipeline
-from certssb.certify import VoteCheckpoint, Votes
+from certssb.runner import pipeline
+from certssb.certify.votes import VoteCheckpoint, Votes
 from certssb.cli import main
-from certssb.config import RunConfig
-from certssb.data import load_task
+from certssb.runner.config import RunConfig
+from certssb.data.loading import load_task
 from certssb.errors import CertssbError, CheckpointError, DataError
-from certssb.fileio import load_tensors
-from certssb.noise import SPLIT_OFFSETS
-from certssb.regions import RegionStore
-from certssb import stream
-from certssb.stream import InputFile, RunCertifier, certify_stream, check_inputs, read_chunk
+from certssb.core.files import load_tensors
+from certssb.smoothing.noise import SPLIT_OFFSETS
+from certssb.certify.regions import RegionStore
+from certssb.runner import stream
+from certssb.runner.stream import InputFile, RunCertifier, certify_stream, check_inputs, read_chunk
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_CFG = dict(dataset="digits", classes=[0, 1], models=6, epochs=4, base_epochs=4, sigma_steps=1, sigma_draws=2,
@@ -147,7 +147,7 @@ def test_stream_of_a_split_reproduces_the_pipeline(run_dir, task, tmp_path):
 
 
 def test_rab_stream_matches_pipeline_votes_and_keeps_no_store(run_dir, task, tmp_path):
-    from certssb.report import read_certificates_csv
+    from certssb.report.metrics import read_certificates_csv
     out = tmp_path / "rab"
     summary = certify_stream(run_dir, [task.x_test], out, chunk_size=25, method="rab")
     assert summary["storage_update"] is False and not (out / "regions.safetensors").exists()
@@ -275,7 +275,7 @@ def test_a_lost_progress_file_is_recovered_from_the_chunks(certifier, stream_fil
     if damage == "delete":
         (out / "progress.json").unlink()
     else:
-        (out / "progress.json").write_text('{"format": "certssb.stream-progress", "chunks": [')
+        (out / "progress.json").write_text('{"format": "certssb.runner.stream-progress", "chunks": [')
     if damage == "garbage+chunk":  # and chunk 3 altered: chunks 0-2 are recovered, the rest redone
         p = out / "chunks" / "chunk-00003.safetensors"
         data = bytearray(p.read_bytes())
@@ -328,7 +328,7 @@ def test_two_jobs_cannot_write_into_one_folder(certifier, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     holder = subprocess.Popen(  # another process holds the folder's lock (re-entrant within one process)
-        [sys.executable, "-c", "import sys, time\nfrom certssb.runlock import run_lock\n"
+        [sys.executable, "-c", "import sys, time\nfrom certssb.runner.lock import run_lock\n"
          "with run_lock(sys.argv[1], 'certssb certify-stream'):\n    print('locked', flush=True)\n"
          "    time.sleep(120)\n", str(out)], stdout=subprocess.PIPE, text=True)
     try:
@@ -346,7 +346,7 @@ def test_read_chunk_checks_embedded_checksum(reference, tmp_path):
     tensors, info = read_chunk(src)
     assert info["n"] == CHUNK and tensors["idx"].tolist() == list(range(CHUNK))
     assert set(tensors) >= {"predict", "radius", "predict_raw", "radius_raw", "sigma", "label", "seg_centres"}
-    from certssb.fileio import save_tensors
+    from certssb.core.files import save_tensors
     tensors["radius"][0] += 0.5  # a consistent safetensors file whose numbers were changed
     bad = tmp_path / "chunk.safetensors"
     from safetensors import safe_open

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from certssb.errors import CertssbError
-from certssb.models import build_model
-from certssb.noise import Stream, noisy_copies
-from certssb.training import (GroupNoise, Schedule, batch_order, fixed_noise_fn, predict, train_classifier,
+from certssb.models.architectures import build_model
+from certssb.smoothing.noise import Stream, noisy_copies
+from certssb.smoothing.training import (GroupNoise, Schedule, batch_order, fixed_noise_fn, predict, train_classifier,
                               train_group)
-from certssb.vectorized import GroupedModel
+from certssb.models.grouped import GroupedModel
 
 
 def _data(n, shape, classes, seed=0):

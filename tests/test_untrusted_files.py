@@ -20,12 +20,13 @@ import pytest
 import torch
 from torch import nn
 
-from certssb import RegionStore, RunConfig, load_task, pipeline
+from certssb.runner import pipeline
+from certssb import RegionStore, RunConfig, load_task
 from certssb.cli import main
-from certssb.ensemble import EnsembleDir, EnsembleSpec, load_user_model, load_user_weights, model_file
+from certssb.smoothing.ensemble import EnsembleDir, EnsembleSpec, load_user_model, load_user_weights, model_file
 from certssb.errors import CheckpointError, DataError
-from certssb.fileio import CHECKSUM_KEY, atomic_write_json, load_tensors, save_tensors, sha256_bytes
-from certssb.training import Schedule
+from certssb.core.files import CHECKSUM_KEY, atomic_write_json, load_tensors, save_tensors, sha256_bytes
+from certssb.smoothing.training import Schedule
 
 
 class Evil:

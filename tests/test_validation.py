@@ -25,21 +25,22 @@ import pytest
 import torch
 from torch import nn
 
-from certssb import RegionStore, RunConfig, certify_models, load_task, pipeline
-from certssb.attacks import make_trigger, poison_training_set
-from certssb.bounds import certified_radius, clopper_pearson_lower, hoeffding_lower, radius_proxy
-from certssb.certify import Votes, certify_votes, collect_votes
+from certssb.runner import pipeline
+from certssb import RegionStore, RunConfig, certify_models, load_task
+from certssb.attacks.triggers import make_trigger, poison_training_set
+from certssb.certify.bounds import certified_radius, clopper_pearson_lower, hoeffding_lower, radius_proxy
+from certssb.certify.votes import Votes, certify_votes, collect_votes
 from certssb.cli import main
-from certssb.config import resolve_device
+from certssb.runner.config import resolve_device
 from certssb.errors import CertssbError, CheckpointError, DataError
-from certssb.fileio import atomic_write_json, save_tensors
+from certssb.core.files import atomic_write_json, save_tensors
 from certssb.kernels import using_backend
 from certssb.kernels.noise import noise as kernel_noise
 from certssb.kernels.radius import certify_radius, radius_proxy as kernel_radius_proxy
 from certssb.kernels.vote import vote_accumulate, vote_top2
-from certssb.noise import noisy_copies
-from certssb.rundir import RUN_FORMAT, check_compatible
-from certssb.sigma import SigmaSearch, optimize_sigma
+from certssb.smoothing.noise import noisy_copies
+from certssb.runner.rundir import RUN_FORMAT, check_compatible
+from certssb.smoothing.sigma import SigmaSearch, optimize_sigma
 
 NAN, INF = float("nan"), float("inf")
 

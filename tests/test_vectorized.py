@@ -4,11 +4,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from certssb import training
-from certssb.certify import Votes, collect_votes
+from certssb.smoothing import training
+from certssb.certify.votes import Votes, collect_votes
 from certssb.errors import CertssbError
-from certssb.models import build_model
-from certssb.vectorized import GroupedModel, from_states, to_grouped_layout
+from certssb.models.architectures import build_model
+from certssb.models.grouped import GroupedModel, from_states, to_grouped_layout
 
 # (arch, (C, H, W)): small inputs keep the ResNets fast on one core
 ARCH_SHAPES = [("digits-cnn", (1, 8, 8)), ("mnist-cnn", (1, 16, 16)),

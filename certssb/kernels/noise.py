@@ -2,11 +2,11 @@
 
     out[k, b, ...] = x[b] + sigma[b] * eps(seed, stream, k0 + k, ids[b], ...)
 
-eps is the project's one noise definition (see `certssb.noise`: Philox4x32-10 +
+eps is the project's one noise definition (see `certssb.smoothing.noise`: Philox4x32-10 +
 Box-Muller, a pure function of (seed, stream, a, b, element)); the kernel never
 stores it. Backward with respect to sigma regenerates it
 (`torch.ops.certssb.noise_sigma_grad`); with respect to x it is a sum over models.
-The pure-PyTorch reference is `certssb.noise.noisy_copies(..., backend="reference")`.
+The pure-PyTorch reference is `certssb.smoothing.noise.noisy_copies(..., backend="reference")`.
 """
 from __future__ import annotations
 
@@ -63,10 +63,10 @@ def noise(x: Tensor, sigma: Tensor, ids: Tensor, *, seed: int, stream: int, k0: 
         x: [B, ...] float32, float64, float16 or bfloat16 (any layout; the output is contiguous).
         sigma: [B] floating noise levels (same device as x).
         ids: [B] int64 sample indices in [0, 2^32) (the `b` word; zeros for the TEST stream).
-        seed: integer in [0, 2^64); stream: a `certssb.noise.Stream` value;
+        seed: integer in [0, 2^64); stream: a `certssb.smoothing.noise.Stream` value;
         k0, models: the block of model indices (the `a` word), k0 + models - 1 < 2^32.
         check: also check values (x finite, sigma finite and > 0: one GPU sync); callers that
-            validated them already (`certssb.noise.noisy_copies`) pass False.
+            validated them already (`certssb.smoothing.noise.noisy_copies`) pass False.
     Returns:
         [models, B, ...] in x's dtype. Differentiable in x and sigma.
 
@@ -95,7 +95,7 @@ def noise(x: Tensor, sigma: Tensor, ids: Tensor, *, seed: int, stream: int, k0: 
     if stream > _U32 or k0 + max(models, 1) - 1 > _U32:
         raise CertssbError("stream and the model indices k0 .. k0 + models - 1 must lie in [0, 2^32)")
     if check:
-        from ..noise import check_noise_inputs  # late: certssb.noise imports this module lazily too
+        from ..smoothing.noise import check_noise_inputs  # late: certssb.noise imports this module lazily too
         check_noise_inputs(x, sigma)
     return torch.ops.certssb.noise(x, sigma, ids, seed_to_int64(seed), int(stream), int(k0),
                                    int(models))

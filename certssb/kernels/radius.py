@@ -10,8 +10,8 @@ validate at the boundary before calling ``torch.ops.certssb.*``:
 - `radius_proxy`: r = sigma / 2 * (PhiInv(pA) - PhiInv(pB)) of the sigma
   search, differentiable with respect to mean_probs and sigma.
 
-Their pure-PyTorch references are `certssb.bounds.pa_lower` +
-`certssb.bounds.certified_radius` and `certssb.bounds.radius_proxy`; both paths
+Their pure-PyTorch references are `certssb.certify.bounds.pa_lower` +
+`certssb.certify.bounds.certified_radius` and `certssb.certify.bounds.radius_proxy`; both paths
 agree to 1e-12 (relative) in float64 and to rounding in float32.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import _ops  # noqa: F401  (loads certssb._C, which defines the op schemas)
-from ..bounds import _SCORE_TOL, BOUNDS, SIGMA_MAX, _check_alpha, _check_m
+from ..certify.bounds import _SCORE_TOL, BOUNDS, SIGMA_MAX, _check_alpha, _check_m
 from ..errors import CertssbError
 
 __all__ = ["certify_radius", "radius_proxy"]
@@ -259,7 +259,7 @@ def radius_proxy(mean_probs: Tensor, sigma: Tensor | float,
     to `mean_probs` and `sigma` (registered autograd, backward by the native
     radius_proxy_backward op): dr/dpA = sigma / 2 / phi(PhiInv(pA)) inside [lo, hi] (edges
     included), 0 outside; dr/dpB likewise with a minus sign; dr/dsigma = (PhiInv(pA) -
-    PhiInv(pB)) / 2. Reference: `certssb.bounds.radius_proxy`.
+    PhiInv(pB)) / 2. Reference: `certssb.certify.bounds.radius_proxy`.
 
     Args:
         mean_probs: [B, C] (C >= 2) mean softmax probabilities, float16/bfloat16/float32/

@@ -6,7 +6,7 @@ and hard_count[b, argmax_c logits[k, b, c]] += 1 (ties to the lowest class index
 Soft scores are fixed point (`UNITS_PER_ONE` = 2^40 units per probability 1): integer
 sums are exact, so accumulators do not depend on chunking, order or sharding.
 `vote_top2(soft_units, hard_count, by_count)` gives the two leading classes of each row.
-The pure-PyTorch references are `reference_accumulate` and `certssb.bounds.top2`.
+The pure-PyTorch references are `reference_accumulate` and `certssb.certify.bounds.top2`.
 """
 from __future__ import annotations
 

@@ -1,0 +1,372 @@
+"""Statistics of a certificate: confidence bounds on pA, the certified radius, the poison budget.
+
+This file's one job is the arithmetic that turns an ensemble's aggregated
+predictions into a certificate (DESIGN.md 1.5 and 3), in pure PyTorch (the
+Clopper-Pearson quantile goes through SciPy in float64). Everything a
+certificate reports is float64; the differentiable `radius_proxy` keeps the
+dtype of its inputs so that the sigma optimization can run in float32.
+
+Notation: M models vote; pA is the probability of the top class under the
+smoothing noise, pA_lower a (1 - alpha) lower confidence bound on it,
+pB_upper = 1 - pA_lower, PhiInv the standard normal quantile. The radius is
+R = sigma / 2 * (PhiInv(pA_lower) - PhiInv(pB_upper)) (= sigma * PhiInv(pA_lower)),
+and the certificate abstains when pA_lower <= 1/2.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+import scipy.special
+import torch
+from torch import Tensor
+
+from ..errors import CertssbError
+
+__all__ = [
+    "BOUNDS",
+    "PA_MAX",
+    "SIGMA_MAX",
+    "phi_inv",
+    "hoeffding_lower",
+    "clopper_pearson_lower",
+    "pa_lower",
+    "certified_radius",
+    "conservative_radius",
+    "poison_budget",
+    "radius_proxy",
+    "top2",
+]
+
+BOUNDS = ("hoeffding", "clopper-pearson")
+
+# pA_lower is clamped to at most this before PhiInv so that pA_lower == 1 (all M models agree,
+# Clopper-Pearson cannot return 1 but a caller might) gives a finite radius:
+# PhiInv(1 - 1e-12) ~= 7.034, i.e. the radius is capped at about 7.03 * sigma.
+PA_MAX = 1.0 - 1e-12
+
+# Largest accepted noise level. A radius is at most ~7.03 * sigma (PA_MAX above), so this keeps
+# every radius finite in float64 (sigma = 1.7e308 gave radius = inf). sigma is in [0, 1] pixel
+# units: anything near this bound is a unit mistake, not a noise level.
+SIGMA_MAX = 1e300
+
+# Soft scores are means of float32 softmax outputs: allow this much rounding above 1 / below 0.
+_SCORE_TOL = 1e-6
+
+
+# ----------------------------------------------------------------------------- validation
+def _check_alpha(alpha: float) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (0.0 < float(alpha) < 1.0):
+        raise CertssbError(f"alpha must be a number in (0, 1), got {alpha!r}; "
+                           "pass the failure probability of the certificate, e.g. alpha=0.001")
+    return float(alpha)
+
+
+def _check_m(m: int) -> int:
+    if isinstance(m, bool) or not isinstance(m, numbers.Integral) or int(m) < 1:
+        raise CertssbError(f"m (the number of models / votes) must be an integer >= 1, got {m!r}; "
+                           "pass the real ensemble size")
+    return int(m)
+
+
+def _as_tensor(x: Tensor | float, name: str) -> Tensor:
+    if isinstance(x, Tensor):
+        return x
+    try:
+        return torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError):
+        raise CertssbError(f"{name} must be a tensor or a number, got {type(x).__name__}") from None
+
+
+def _check_sigma(sigma: Tensor | float, name: str = "sigma") -> Tensor:
+    sigma = _as_tensor(sigma, name)
+    # in float64: SIGMA_MAX as a float32 scalar would be inf
+    if sigma.numel() and not bool(((sigma > 0) & (sigma.to(torch.float64) <= SIGMA_MAX)).all()):  # NaN fails
+        raise CertssbError(f"{name} must be finite and > 0 everywhere, at most {SIGMA_MAX:g} (noise levels "
+                           f"in [0, 1] pixel units), got min {sigma.min().item()!r}, max "
+                           f"{sigma.max().item()!r}; check the sigma file / settings")
+    return sigma
+
+
+def _check_pa_lower(pa: Tensor) -> Tensor:
+    pa = _as_tensor(pa, "pa_lower")
+    if pa.numel() and not bool(((pa >= 0) & (pa <= 1)).all()):
+        raise CertssbError("pa_lower must lie in [0, 1] (no NaN); compute it with pa_lower() "
+                           "or hoeffding_lower()/clopper_pearson_lower()")
+    return pa
+
+
+# ----------------------------------------------------------------------------- quantile
+def phi_inv(p: Tensor) -> Tensor:
+    """Standard normal quantile PhiInv(p) = sqrt(2) * erfinv(2p - 1), elementwise.
+
+    Thin wrapper of `torch.special.ndtri`: differentiable (dPhiInv/dp = 1 / phi(PhiInv(p))),
+    any float dtype and device, same shape. PhiInv(0) = -inf, PhiInv(1) = +inf: callers clamp.
+    """
+    return torch.special.ndtri(p)
+
+
+# ----------------------------------------------------------------------------- lower bounds
+def hoeffding_lower(p_hat: Tensor, m: int, alpha: float) -> Tensor:
+    """One-sided Hoeffding lower confidence bound on the mean of m iid variables in [0, 1].
+
+    With probability at least 1 - alpha over the draws, the true mean p satisfies
+    p >= p_hat - sqrt(ln(1/alpha) / (2 m)). The result is clamped to [0, 1].
+
+    Args:
+        p_hat: empirical means, any shape, values in [0, 1] (1e-6 rounding tolerated).
+        m: number of averaged variables (models), >= 1.
+        alpha: failure probability in (0, 1).
+    Returns:
+        float64 tensor of p_hat's shape and device.
+    """
+    m = _check_m(m)
+    alpha = _check_alpha(alpha)
+    p_hat = _as_tensor(p_hat, "p_hat").to(torch.float64)
+    if p_hat.numel() and not bool(((p_hat >= -_SCORE_TOL) & (p_hat <= 1 + _SCORE_TOL)).all()):
+        raise CertssbError("p_hat must be a mean of scores in [0, 1] (no NaN); pass the mean "
+                           "softmax probability of the top class, not a logit or a count")
+    width = math.sqrt(math.log(1.0 / alpha) / (2.0 * m))
+    return (p_hat - width).clamp(0.0, 1.0)
+
+
+def _check_counts(k: Tensor, m: int, name: str) -> Tensor:
+    k = _as_tensor(k, name)
+    if k.is_complex() or k.dtype == torch.bool:
+        raise CertssbError(f"{name} must hold integer vote counts, got dtype {k.dtype}")
+    if k.numel():
+        kd = k.to(torch.float64)
+        if not bool(((kd >= 0) & (kd <= m) & (kd == torch.round(kd))).all()):
+            raise CertssbError(f"{name} must hold integer vote counts in [0, m={m}]; "
+                               "pass the hard vote count of the top class out of m models")
+    return k
+
+
+def clopper_pearson_lower(k: Tensor, m: int, alpha: float) -> Tensor:
+    """Exact one-sided (Clopper-Pearson) binomial lower confidence bound.
+
+    For k successes out of m Bernoulli(p) trials, the lower bound is the alpha quantile of
+    Beta(k, m - k + 1), and 0 when k == 0; P(bound > p) <= alpha for every p. For k == m it
+    equals alpha ** (1 / m). Computed in float64 with `scipy.special.betaincinv` on the CPU.
+
+    Args:
+        k: integer-valued counts in [0, m] (any int or float dtype), any shape.
+        m: number of trials, >= 1.
+        alpha: failure probability in (0, 1).
+    Returns:
+        float64 tensor of k's shape, on k's device.
+    """
+    m = _check_m(m)
+    alpha = _check_alpha(alpha)
+    return _clopper_pearson_level(_check_counts(k, m, "k"), m, alpha)
+
+
+def _clopper_pearson_level(k: Tensor, m: int, level: float) -> Tensor:
+    """`clopper_pearson_lower` at a checked level in [0, 1) (0: alpha / C underflowed; bound 0)."""
+    kn = k.detach().to(device="cpu", dtype=torch.float64).numpy()
+    out = np.zeros_like(kn)
+    pos = kn > 0
+    if pos.any() and level > 0:
+        # I_x(a, b) = level solved for x: the level quantile of Beta(a, b).
+        a, b = kn[pos], m - kn[pos] + 1.0
+        q = scipy.special.betaincinv(a, b, level)
+        bad = ~((q >= 0) & (q <= 1))  # SciPy gives NaN for tiny levels (Beta(3, 3) at 1e-108)
+        if bad.any():
+            q[bad] = _beta_quantile_bisect(a[bad], b[bad], level)
+        out[pos] = q
+    return torch.from_numpy(out).to(k.device)
+
+
+def _beta_quantile_bisect(a: np.ndarray, b: np.ndarray, level: float) -> np.ndarray:
+    """The level quantile of Beta(a, b) by bisection on ln x with SciPy's betainc (accurate down
+    to subnormal results), for the levels where betaincinv fails. Returns the lower end of the
+    final bracket (never above the quantile, so the bound stays valid); ~1e-20 relative."""
+    lo = np.full(a.shape, math.log(5e-324))
+    hi = np.zeros(a.shape)
+    for _ in range(90):  # a bracket of width 745 in ln x, halved to ~6e-25
+        mid = 0.5 * (lo + hi)
+        below = scipy.special.betainc(a, b, np.exp(mid)) < level
+        lo = np.where(below, mid, lo)
+        hi = np.where(below, hi, mid)
+    return np.exp(lo)
+
+
+def pa_lower(bound: str, *, top_score: Tensor | None = None, top_count: Tensor | None = None,
+             m: int, alpha: float, num_classes: int) -> Tensor:
+    """Lower confidence bound on pA, the probability of the (selected) top class.
+
+    - "hoeffding": Hoeffding on the soft mean `top_score` (mean softmax probability of the
+      top class over the m models), level alpha (RAB, the paper).
+    - "clopper-pearson": exact binomial bound on the hard vote count `top_count` of the top
+      class, at level alpha / num_classes: Bonferroni over the classes, because the top class
+      is chosen by argmax of the same votes.
+
+    Returns a float64 tensor of the input's shape and device.
+    """
+    if bound not in BOUNDS:
+        raise CertssbError(f"unknown bound {bound!r}; choose one of {', '.join(BOUNDS)}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
+        raise CertssbError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    alpha = _check_alpha(alpha)
+    if bound == "hoeffding":
+        if top_score is None:
+            raise CertssbError("bound 'hoeffding' needs top_score (the mean softmax of the top class)")
+        return hoeffding_lower(top_score, m, alpha)
+    if top_count is None:
+        raise CertssbError("bound 'clopper-pearson' needs top_count (the vote count of the top class)")
+    m = _check_m(m)
+    # alpha / C may underflow to 0 for a subnormal alpha: the quantile at level 0 is 0, as the kernel
+    # gives (clopper_pearson_lower itself would refuse alpha = 0 with a confusing message).
+    return _clopper_pearson_level(_check_counts(top_count, m, "top_count"), m, alpha / int(num_classes))
+
+
+# ----------------------------------------------------------------------------- radii
+def certified_radius(pa_lower: Tensor, sigma: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+    """Certified L2 radius from a lower bound on pA.
+
+    pb_upper = 1 - pa_lower (sound for any number of classes: pB <= 1 - pA), and
+    radius = sigma / 2 * (PhiInv(pa_lower) - PhiInv(pb_upper)) = sigma * PhiInv(pa_lower).
+    abstain = pa_lower <= 1/2, with radius = 0 there. Before PhiInv, pa_lower is clamped to
+    [1/2, PA_MAX] (PA_MAX = 1 - 1e-12), so pa_lower == 1 gives the finite radius
+    ~7.03 * sigma and no NaN/inf ever appears. pb_upper is returned unclamped.
+
+    Args:
+        pa_lower: values in [0, 1], any shape.
+        sigma: noise level(s) in (0, SIGMA_MAX], broadcastable to pa_lower.
+    Returns:
+        (radius, pb_upper, abstain): float64, float64, bool, of the broadcast shape.
+    """
+    pa = _check_pa_lower(pa_lower).to(torch.float64)
+    sigma = _check_sigma(sigma).to(device=pa.device, dtype=torch.float64)
+    pa, sigma = torch.broadcast_tensors(pa, sigma)
+    pb_upper = 1.0 - pa
+    abstain = pa <= 0.5
+    pa_c = pa.clamp(0.5, PA_MAX)
+    # sigma * rho with rho = (PhiInv(pa) - PhiInv(1 - pa)) / 2, in this order (as the kernels):
+    # sigma / 2 would lose the last bits of a subnormal sigma.
+    radius = sigma * ((phi_inv(pa_c) - phi_inv(1.0 - pa_c)) / 2.0)
+    radius = torch.where(abstain, torch.zeros_like(radius), radius)
+    return radius, pb_upper, abstain
+
+
+def conservative_radius(pa_lower: Tensor, sigma_x: Tensor | float, sigma_train_min: float) -> Tensor:
+    """Isotropic radius implied by the anisotropic joint Gaussian (DESIGN.md 3).
+
+    rho = (PhiInv(pa_lower) - PhiInv(1 - pa_lower)) / 2 certifies every joint perturbation with
+    sum_i ||d_i||^2 / sigma_i^2 + ||d||^2 / sigma_x^2 < rho^2, hence every one of L2 norm
+    < rho * min(sigma_x, min_i sigma_i). 0 where pa_lower <= 1/2; same clamp as
+    `certified_radius`. Returns float64 of the broadcast shape.
+    """
+    if (isinstance(sigma_train_min, bool) or not isinstance(sigma_train_min, numbers.Real)
+            or not math.isfinite(float(sigma_train_min)) or float(sigma_train_min) <= 0):
+        raise CertssbError(f"sigma_train_min must be a finite number > 0, got {sigma_train_min!r}; "
+                           "pass the smallest training-sample sigma")
+    sigma_x = _check_sigma(sigma_x, "sigma_x")
+    pa = _check_pa_lower(pa_lower).to(torch.float64)
+    sig = sigma_x.to(device=pa.device, dtype=torch.float64).clamp(max=float(sigma_train_min))
+    # certified_radius(pa, s) = rho * s, so reuse it with the effective sigma.
+    return certified_radius(pa, sig)[0]
+
+
+def poison_budget(radius: Tensor, delta: float) -> Tensor:
+    """Number of poisoned training samples a certificate covers for a trigger of L2 norm delta.
+
+    The joint perturbation of r poisoned training inputs plus the test input has norm
+    delta * sqrt(r + 1); it is covered when delta * sqrt(r + 1) < radius (strict). Returns the
+    largest integer r >= 0 with that property, and -1 where even r = 0 fails (radius <= delta).
+    Evaluated exactly in float64 (the closed form r < (radius / delta)^2 - 1 is corrected by
+    direct checks of the defining inequality, so equality is never counted).
+
+    Args:
+        radius: finite radii >= 0, any shape.
+        delta: trigger norm > 0.
+    Returns:
+        int64 tensor of radius's shape and device.
+    """
+    if (isinstance(delta, bool) or not isinstance(delta, numbers.Real)
+            or not math.isfinite(float(delta)) or float(delta) < 0):
+        raise CertssbError(f"delta (the trigger's L2 norm) must be a finite number >= 0, got {delta!r}")
+    if float(delta) == 0.0:
+        raise CertssbError("delta = 0 makes the poison budget unbounded; pass the trigger's "
+                           "actual (positive) L2 norm")
+    delta = float(delta)
+    r64 = _as_tensor(radius, "radius").to(torch.float64)
+    if r64.numel() and not bool((torch.isfinite(r64) & (r64 >= 0)).all()):
+        raise CertssbError("radius must be finite and >= 0; compute it with certified_radius()")
+    q = (r64 / delta).square().clamp(max=2.0**52)
+    # First guess: the largest integer r with r + 1 < q is ceil(q) - 2.
+    r = torch.ceil(q) - 2.0
+    r = r.clamp(min=-1.0)
+    # Fix rounding at the boundary using the defining inequality itself.
+    for _ in range(2):
+        bad = (r >= 0) & ~(delta * torch.sqrt(r + 1.0) < r64)
+        r = torch.where(bad, r - 1.0, r)
+        more = delta * torch.sqrt(r + 2.0) < r64
+        r = torch.where(more, r + 1.0, r)
+    return r.to(torch.int64)
+
+
+def radius_proxy(mean_probs: Tensor, sigma: Tensor | float,
+                 clamp: tuple[float, float] = (0.02, 0.98)) -> Tensor:
+    """Differentiable radius proxy r(x, sigma) = sigma / 2 * (PhiInv(pA) - PhiInv(pB)).
+
+    pA, pB are the top-2 entries of `mean_probs` (ties broken by the lowest class index),
+    each clamped to `clamp` (default [0.02, 0.98], as the original code) before PhiInv.
+    Differentiable with respect to both `mean_probs` and `sigma` (the gradient of a clamped
+    entry is 0 outside the clamp range); used by the sigma optimization's gradient ascent.
+
+    Args:
+        mean_probs: [B, C] (C >= 2) mean softmax probabilities, float dtype.
+        sigma: [B] or scalar noise levels > 0.
+        clamp: (lo, hi) with 0 < lo < hi < 1.
+    Returns:
+        [B] tensor in the promoted dtype of the inputs.
+    """
+    lo, hi = (float(c) for c in clamp)
+    if not (0.0 < lo < hi < 1.0):
+        raise CertssbError(f"clamp must satisfy 0 < lo < hi < 1, got {clamp!r}; the default is (0.02, 0.98)")
+    sigma = _check_sigma(sigma)
+    _, pa, _, pb = top2(mean_probs)
+    pa = pa.clamp(lo, hi)
+    pb = pb.clamp(lo, hi)
+    return sigma / 2 * (phi_inv(pa) - phi_inv(pb))
+
+
+def top2(scores: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Top class and runner-up of each row, ties broken by the LOWEST class index.
+
+    Args:
+        scores: [B, C] real tensor, C >= 2, no NaN.
+    Returns:
+        (top class int64 [B], top value [B], runner-up class int64 [B], runner-up value [B]);
+        values are gathered from `scores`, so they carry its dtype and gradient. When the two
+        largest values are equal, the top class is the lower index and the runner-up the next
+        lowest index holding that value.
+    """
+    if not isinstance(scores, Tensor) or scores.dim() != 2 or scores.shape[1] < 2:
+        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise CertssbError(f"scores must be a [B, C] tensor with C >= 2 classes, got {shape}")
+    if scores.dtype == torch.bool or scores.is_complex():
+        raise CertssbError(f"scores must be real numbers (probabilities, logits or counts), got {scores.dtype}")
+    if scores.is_floating_point() and bool(torch.isnan(scores).any()):
+        raise CertssbError("scores contain NaN; check the model outputs (diverged training?)")
+    s = scores.detach()
+    # torch.topk does not promise any tie order: build explicit "is maximal" masks and take
+    # their first True position instead.
+    ar = torch.arange(s.shape[1], device=s.device)
+    big = torch.iinfo(torch.int64).max
+
+    def first_true(mask: Tensor) -> Tensor:
+        return torch.where(mask, ar, torch.full_like(ar, big)).min(dim=1).values
+
+    top = first_true(s == s.max(dim=1, keepdim=True).values)
+    not_top = ar[None, :] != top[:, None]
+    # Runner-up: maximal among the other classes (works with +-inf entries too).
+    lowest = -math.inf if s.is_floating_point() else torch.iinfo(s.dtype).min
+    masked = torch.where(not_top, s, torch.full_like(s, lowest))
+    second_val = masked.max(dim=1, keepdim=True).values
+    second = first_true((masked == second_val) & not_top)
+    v1 = scores.gather(1, top[:, None]).squeeze(1)
+    v2 = scores.gather(1, second[:, None]).squeeze(1)
+    return top, v1, second, v2
