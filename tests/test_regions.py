@@ -577,7 +577,7 @@ def test_version_1_files_still_load(tmp_path):
 
 
 def _write(path, centres, labels, radii, meta=None, raw_meta=None, queries=None):
-    m = {"format": "certssb.certify.regions", "version": FORMAT_VERSION,
+    m = {"format": "certssb.regions", "version": FORMAT_VERSION,
          "dim": centres.shape[1] if centres.dim() == 2 else None,
          "n": labels.shape[0], "counts": {k: 0 for k in UPDATE_KINDS}}
     if meta:
@@ -652,7 +652,7 @@ def test_load_rejects_corrupt_files(tmp_path):
                      "x": torch.zeros(1)},
                     {"centres": good_c, "labels": good_l, "radii": good_r}):
         save_tensors(p, tensors, metadata={"certssb_region_store": json.dumps(
-            {"format": "certssb.certify.regions", "version": FORMAT_VERSION, "dim": 3, "n": 2,
+            {"format": "certssb.regions", "version": FORMAT_VERSION, "dim": 3, "n": 2,
              "counts": {"none": 2, "trim": 0, "align": 0, "abstain": 0}})})
         with pytest.raises(CheckpointError, match="expected tensors"):
             RegionStore.load(p)

@@ -275,7 +275,7 @@ def test_a_lost_progress_file_is_recovered_from_the_chunks(certifier, stream_fil
     if damage == "delete":
         (out / "progress.json").unlink()
     else:
-        (out / "progress.json").write_text('{"format": "certssb.runner.stream-progress", "chunks": [')
+        (out / "progress.json").write_text('{"format": "certssb.stream-progress", "chunks": [')
     if damage == "garbage+chunk":  # and chunk 3 altered: chunks 0-2 are recovered, the rest redone
         p = out / "chunks" / "chunk-00003.safetensors"
         data = bytearray(p.read_bytes())

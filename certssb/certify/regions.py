@@ -52,7 +52,7 @@ UPDATE_KINDS = ("none", "trim", "align", "abstain")
 FORMAT_VERSION = 2
 _READABLE_VERSIONS = (1, 2)
 _META_KEY = "certssb_region_store"
-_FORMAT_NAME = "certssb.certify.regions"
+_FORMAT_NAME = "certssb.regions"
 # Chunk the float64 difference computations to about this many elements (memory bound).
 _CHUNK_ELEMS = 1 << 22
 # check_invariant forgives overlaps this small relative to R_i + R_j (float64 rounding of

@@ -75,8 +75,8 @@ __all__ = ["STREAM_ID_OFFSET", "RunCertifier", "InputFile", "certify_stream", "c
 # 0.., clean test 2^30.., triggered test 2^31..: `certssb.smoothing.noise.SPLIT_OFFSETS`), so a stream
 # never shares a sigma-search draw with the run's own inputs.
 STREAM_ID_OFFSET = 3 << 30
-PROGRESS_FORMAT = "certssb.runner.stream-progress"
-CHUNK_FORMAT = "certssb.runner.stream-chunk"
+PROGRESS_FORMAT = "certssb.stream-progress"
+CHUNK_FORMAT = "certssb.stream-chunk"
 FORMAT_VERSION = 1
 # region_update codes of a chunk file (-1: storage update off)
 KINDS = ("none", "trim", "align", "abstain")
@@ -1080,7 +1080,7 @@ def _finish(run: RunCertifier, out: Path, entries: list[dict], get_store: Callab
     except BaseException:
         csv_file.abort()
         raise
-    summary = {"format": "certssb.runner.stream-summary", "run": str(run.path), "method": run.method, "mode": run.mode,
+    summary = {"format": "certssb.stream-summary", "run": str(run.path), "method": run.method, "mode": run.mode,
                "bound": run.cfg.bound, "alpha": run.cfg.alpha, "models": run.models,
                "storage_update": job["storage_update"], "chunks": len(entries), "chunk_size": job["chunk_size"],
                "trigger_norm": run.trigger_norm, **tally.summary()}
