@@ -212,7 +212,7 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def _print_summary(summary: dict, out: str) -> None:
-    from .report.metrics import format_table
+    from .report.table import format_table
     print(format_table(summary))
     print(f"\nrun directory: {out} (summary.json, certificates-*.csv, certified_accuracy.png)")
 
@@ -266,7 +266,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.print_help()
         return 2
     from .runner import pipeline
-    from .report.metrics import regenerate
+    from .runner.regenerate import regenerate
     from .runner.distributed import Dist
     main_rank = Dist.from_env().is_main  # under torchrun only rank 0 prints results
     if args.command in ("run", "train"):
@@ -280,17 +280,9 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             print(f"trained: {', '.join(summary['methods'])}; certify with `certssb certify --out {cfg.out}`")
         return 0
     if args.command == "certify":
-        from .runner.rundir import check_compatible
-        path = Path(args.out) / "config.json"
-        if not path.exists():
-            raise CertssbError(f"{path} not found: --out must be a run directory written by "
-                               f"`certssb train` or `certssb run`")
-        saved = check_compatible(args.out)  # refuses another run format or a newer certssb
-        cfg = RunConfig.from_dict(saved["config"])
-        for key in ("bound", "alpha", "radii", "storage_update", "region_order", "device", "backend"):
-            if getattr(args, key, None) is not None:
-                setattr(cfg, key, getattr(args, key))
-        cfg.out = args.out
+        from .runner.rundir import RunDir
+        keys = ("bound", "alpha", "radii", "storage_update", "region_order", "device", "backend")
+        cfg = RunDir.open(args.out, {k: getattr(args, k, None) for k in keys}).config
         regions = None
         if args.regions is not None:
             from .certify.regions import RegionStore

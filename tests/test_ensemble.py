@@ -112,11 +112,11 @@ def test_automatic_group_size_follows_free_memory(monkeypatch, data):
     spec = _spec(models=100, group_size=None)
     per_model = model_memory(spec, (1, 8, 8), 8)
     assert per_model > 4 * 4 * sum(p.numel() for p in spec.new_model(0).parameters())
-    monkeypatch.setattr(ensemble_mod, "_free_bytes", lambda device: int(per_model * 10 / 0.5))
+    monkeypatch.setattr(ensemble_mod, "free_bytes", lambda device: int(per_model * 10 / 0.5))
     assert choose_group_size(spec, x, torch.device("cpu")) == 10
-    monkeypatch.setattr(ensemble_mod, "_free_bytes", lambda device: 1)
+    monkeypatch.setattr(ensemble_mod, "free_bytes", lambda device: 1)
     assert choose_group_size(spec, x, torch.device("cpu")) == 1
-    monkeypatch.setattr(ensemble_mod, "_free_bytes", lambda device: 1 << 50)
+    monkeypatch.setattr(ensemble_mod, "free_bytes", lambda device: 1 << 50)
     assert choose_group_size(spec, x, torch.device("cpu")) == ensemble_mod.CPU_GROUP_CAP
     assert choose_group_size(_spec(models=3, group_size=None), x, torch.device("cpu")) == 3
 

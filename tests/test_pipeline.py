@@ -7,7 +7,8 @@ import torch
 
 from certssb.runner import pipeline
 from certssb.runner.config import RunConfig
-from certssb.report.metrics import read_certificates_csv, regenerate
+from certssb.report.certificates import read_certificates_csv
+from certssb.runner.regenerate import regenerate
 
 TINY = dict(dataset="digits", models=12, epochs=6, base_epochs=6, sigma_steps=2, sigma_draws=4,
             alpha=0.1, bound="clopper-pearson", poison_rate=0.1, seed=1)

@@ -1,8 +1,9 @@
 """Metrics and files of the report stage."""
 import torch
 
-from certssb.report.metrics import (certified_accuracy, format_table, read_certificates_csv, split_metrics,
-                            write_certificates_csv)
+from certssb.report.certificates import read_certificates_csv, write_certificates_csv
+from certssb.report.metrics import certified_accuracy, split_metrics
+from certssb.report.table import format_table
 
 
 def test_certified_accuracy_definition():

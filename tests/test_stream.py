@@ -26,7 +26,7 @@ from certssb.errors import CertssbError, CheckpointError, DataError
 from certssb.core.files import load_tensors
 from certssb.smoothing.noise import SPLIT_OFFSETS
 from certssb.certify.regions import RegionStore
-from certssb.runner import stream
+from certssb.runner import stream, stream_inputs
 from certssb.runner.stream import InputFile, RunCertifier, certify_stream, check_inputs, read_chunk
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,7 +147,7 @@ def test_stream_of_a_split_reproduces_the_pipeline(run_dir, task, tmp_path):
 
 
 def test_rab_stream_matches_pipeline_votes_and_keeps_no_store(run_dir, task, tmp_path):
-    from certssb.report.metrics import read_certificates_csv
+    from certssb.report.certificates import read_certificates_csv
     out = tmp_path / "rab"
     summary = certify_stream(run_dir, [task.x_test], out, chunk_size=25, method="rab")
     assert summary["storage_update"] is False and not (out / "regions.safetensors").exists()
@@ -169,10 +169,10 @@ def test_models_streamed_per_chunk_give_the_same_certificates(run_dir, certifier
 
 def test_rechunk_makes_exact_chunks_from_ragged_batches():
     batches = [(torch.rand(n, 1, 8, 8), torch.zeros(n, dtype=torch.long)) for n in (3, 11, 1, 9)]
-    sizes = [x.shape[0] for x, _ in stream._rechunk(batches, (1, 8, 8), 2, 5)]
+    sizes = [x.shape[0] for x, _ in stream_inputs.rechunk(batches, (1, 8, 8), 2, 5)]
     assert sizes == [5, 5, 5, 5, 4]
     with pytest.raises(DataError, match="some batches come with labels"):
-        list(stream._rechunk([(torch.rand(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)), torch.rand(2, 1, 8, 8)],
+        list(stream_inputs.rechunk([(torch.rand(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)), torch.rand(2, 1, 8, 8)],
                              (1, 8, 8), 2, 5))
 
 
@@ -357,7 +357,13 @@ def test_read_chunk_checks_embedded_checksum(reference, tmp_path):
         read_chunk(bad)
 
 
-def test_store_files_are_written_streaming_with_the_bytes_of_store_save(tmp_path):
+def test_store_files_are_written_streaming_with_the_bytes_of_save_tensors(tmp_path):
+    """RegionStore.save streams its tensors (`save_tensor_pieces`); the bytes are those of
+    `save_tensors` of the same tensors and metadata, in one piece or in many."""
+    import json
+
+    from certssb.certify.region_file import META_KEY, write_store_file
+    from certssb.core.files import save_tensors
     g = torch.Generator().manual_seed(1)
     for n in (0, 1, 37):
         store = RegionStore(dim=5)
@@ -365,10 +371,15 @@ def test_store_files_are_written_streaming_with_the_bytes_of_store_save(tmp_path
             store.certify_stream(torch.rand(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g),
                                  torch.rand(n, generator=g, dtype=torch.float64),
                                  torch.rand(n, generator=g) < 0.2, progress=False)
-        a, b = tmp_path / f"a{n}.safetensors", tmp_path / f"b{n}.safetensors"
+        a, b, c = (tmp_path / f"{k}{n}.safetensors" for k in "abc")
         sha = store.save(a)
-        assert stream._save_store(store, b) == sha
-        assert a.read_bytes() == b.read_bytes()
+        tensors = {"centres": store.centres, "labels": store.labels, "radii": store.radii, "queries": store.queries}
+        meta = {"format": "certssb.regions", "version": 2, "dim": 5, "n": len(store), "counts": store.counts}
+        assert save_tensors(b, tensors, metadata={META_KEY: json.dumps(meta)}) == sha
+        half = len(store) // 2
+        pieces = {k: [t[:half], t[half:]] for k, t in tensors.items()}
+        assert write_store_file(c, 5, pieces, store.counts) == sha
+        assert a.read_bytes() == b.read_bytes() == c.read_bytes()
 
 
 # ----------------------------------------------------------------------------- inputs

@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from certssb.runner import pipeline
+from certssb.runner import rundir
 from certssb import RegionStore, RunConfig, load_task
 from certssb.cli import main
 from certssb.smoothing.ensemble import EnsembleDir, EnsembleSpec, load_user_model, load_user_weights, model_file
@@ -96,7 +96,7 @@ def test_pickle_as_a_sigma_file_is_refused(tmp_path, marker, capsys):
     path = tmp_path / "sigma.safetensors"
     path.write_bytes(pickle.dumps(Evil(marker)))
     with pytest.raises(CheckpointError, match="not a safetensors file"):
-        pipeline.load_sigma(path, {"train": 4})
+        rundir.load_sigma(path, {"train": 4})
     with pytest.raises(CheckpointError):
         load_tensors(path)
     # the certify command on a run directory holding it: exit 2, nothing run
@@ -263,7 +263,7 @@ def _kinds(tmp_path: Path) -> dict[str, tuple[Path, object]]:
     reg = tmp_path / "regions.safetensors"
     store.save(reg)
     return {"checkpoint": (ckpt, lambda p: load_tensors(p, expected_sha256=sha)),
-            "sigma": (sig, lambda p: pipeline.load_sigma(p, {"train": 6, "clean": 3, "triggered": 2})),
+            "sigma": (sig, lambda p: rundir.load_sigma(p, {"train": 6, "clean": 3, "triggered": 2})),
             "regions": (reg, lambda p: RegionStore.load(p))}
 
 

@@ -25,7 +25,7 @@ import pytest
 import torch
 from torch import nn
 
-from certssb.runner import pipeline
+from certssb.runner import pipeline, rundir
 from certssb import RegionStore, RunConfig, certify_models, load_task
 from certssb.attacks.triggers import make_trigger, poison_training_set
 from certssb.certify.bounds import certified_radius, clopper_pearson_lower, hoeffding_lower, radius_proxy
@@ -388,7 +388,7 @@ def _regions_file(tmp: Path, mutate) -> Path:
 
 
 def _load_sigma(p: Path):
-    return pipeline.load_sigma(p, {"train": 4, "clean": 2, "triggered": 1})
+    return rundir.load_sigma(p, {"train": 4, "clean": 2, "triggered": 1})
 
 
 FILE_CASES = [
@@ -423,7 +423,7 @@ FILE_CASES = [
     ("sigma-flipped-byte", lambda t: _load_sigma(_sigma_file(t, _flip_last)), CheckpointError,
      "does not match its embedded checksum"),
     ("sigma-missing", lambda t: _load_sigma(t / "sigma.safetensors"), CheckpointError, "run `certssb train`"),
-    ("sigma-wrong-size", lambda t: pipeline.load_sigma(_sigma_file(t, lambda p: None),
+    ("sigma-wrong-size", lambda t: rundir.load_sigma(_sigma_file(t, lambda p: None),
                                                        {"train": 5, "clean": 2, "triggered": 1}),
      CheckpointError, "expected float [5]"),
     ("sigma-nonpositive", lambda t: _load_sigma(_sigma_file(t, lambda p: save_tensors(p, {

@@ -28,7 +28,6 @@ cases included.
 """
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import os
@@ -40,19 +39,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import CertssbError, CheckpointError
-from ..core.files import load_tensors, save_tensors, sha256_file
+from ..errors import CertssbError
+from ..core.files import sha256_file
+from .region_file import FORMAT_VERSION, UPDATE_KINDS, read_store_file, write_store_file
 from .region_search import BACKENDS, Candidates, StoreArrays, make_index
 
 __all__ = ["UPDATE_KINDS", "RegionDecision", "RegionStore", "FORMAT_VERSION", "BACKENDS", "exact_distances"]
 
-UPDATE_KINDS = ("none", "trim", "align", "abstain")
-# 2: adds the `queries` tensor (query number of each stored ball). Version-1 files still load
-# (their query numbers are unknown: -1).
-FORMAT_VERSION = 2
-_READABLE_VERSIONS = (1, 2)
-_META_KEY = "certssb_region_store"
-_FORMAT_NAME = "certssb.regions"
 # Chunk the float64 difference computations to about this many elements (memory bound).
 _CHUNK_ELEMS = 1 << 22
 # check_invariant forgives overlaps this small relative to R_i + R_j (float64 rounding of
@@ -714,93 +707,27 @@ class RegionStore:
         """Write the store atomically as safetensors (centres, labels, radii, queries) with JSON
         metadata (format, version, dim, n, counts); returns the file's sha256. The backend is not
         recorded: `load` rebuilds any backend from the arrays."""
-        meta = {"format": _FORMAT_NAME, "version": FORMAT_VERSION, "dim": self._dim,
-                "n": self._n, "counts": self.counts}
         cen = self.centres if self._dim is not None else torch.zeros(0, 0, dtype=torch.float32)
-        return save_tensors(path, {"centres": cen, "labels": self.labels, "radii": self.radii,
-                                   "queries": self.queries},
-                            metadata={_META_KEY: json.dumps(meta)})
+        return write_store_file(path, self._dim, {"centres": [cen], "labels": [self.labels],
+                                                  "radii": [self.radii], "queries": [self.queries]}, self.counts)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, backend: str = "auto",
              device: str | torch.device = "cpu") -> RegionStore:
-        """Load a store written by `save` (format version 1 or 2), validating everything;
-        CheckpointError when the file is missing, not safetensors, of another format/version, or
-        holds inconsistent shapes, wrong dtypes, non-finite values, negative labels or radii.
-        The overlap invariant is not re-checked (O(n^2 D) without an index); call
-        `check_invariant()` for that. backend/device: as in the constructor."""
-        tensors = load_tensors(path)
-        meta_raw = _read_metadata(path).get(_META_KEY)
-        if meta_raw is None:
-            raise CheckpointError(f"{path} is not a certssb region store (no {_META_KEY!r} metadata)")
-        try:
-            meta = json.loads(meta_raw)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: region store metadata is not valid JSON ({e})") from None
-
-        def bad(msg: str) -> CheckpointError:
-            return CheckpointError(f"{path}: {msg}; the file is corrupt or from another version, "
-                                   "rebuild the store")
-
-        if not isinstance(meta, dict) or meta.get("format") != _FORMAT_NAME:
-            raise bad("metadata does not describe a certssb region store")
-        version = meta.get("version")
-        if isinstance(version, bool) or version not in _READABLE_VERSIONS:
-            raise bad(f"unsupported format version {version!r} (this build reads "
-                      f"{', '.join(map(str, _READABLE_VERSIONS))})")
-        n, dim, counts = meta.get("n"), meta.get("dim"), meta.get("counts")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise bad(f"invalid n {n!r}")
-        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
-            raise bad(f"invalid dim {dim!r}")
-        if dim is None and n > 0:
-            raise bad("dim is missing for a non-empty store")
-        if (not isinstance(counts, dict) or set(counts) != set(UPDATE_KINDS)
-                or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in counts.values())):
-            raise bad(f"invalid counts {counts!r}")
-        names = {"centres", "labels", "radii"} | ({"queries"} if version >= 2 else set())
-        if set(tensors) != names:
-            raise bad(f"expected tensors {', '.join(sorted(names))}, found {sorted(tensors)}")
-        cen, lab, rad = tensors["centres"], tensors["labels"], tensors["radii"]
-        qry = tensors.get("queries", torch.full((n,), -1, dtype=torch.int64))
-        if (cen.dtype != torch.float32 or lab.dtype != torch.int64 or rad.dtype != torch.float64
-                or qry.dtype != torch.int64):
-            raise bad(f"wrong dtypes (centres {cen.dtype}, labels {lab.dtype}, radii {rad.dtype}, queries "
-                      f"{qry.dtype}; expected float32, int64, float64, int64)")
-        exp_cen = (n, dim if dim is not None else 0)
-        if (tuple(cen.shape) != exp_cen or tuple(lab.shape) != (n,) or tuple(rad.shape) != (n,)
-                or tuple(qry.shape) != (n,)):
-            raise bad(f"shapes centres {tuple(cen.shape)}, labels {tuple(lab.shape)}, radii "
-                      f"{tuple(rad.shape)}, queries {tuple(qry.shape)} do not match n={n}, dim={dim}")
-        if not bool(torch.isfinite(cen).all()) or not bool(torch.isfinite(rad).all()):
-            raise bad("non-finite centres or radii")
-        if bool((rad < 0).any()) or bool((lab < 0).any()):
-            raise bad("negative radii or labels")
-        known = qry[qry >= 0]
-        total = sum(counts.values())
-        if (bool((qry < -1).any()) or bool((known[1:] <= known[:-1]).any())
-                or (known.numel() and int(known[-1]) >= total)):
-            raise bad(f"query numbers must increase and stay below the {total} queries counted")
+        """Load a store written by `save` (format version 1 or 2), validating everything
+        (`certssb.certify.region_file.read_store_file`). The overlap invariant is not re-checked
+        (O(n^2 D) without an index); call `check_invariant()` for that. backend/device: as in the
+        constructor."""
+        dim, counts, t = read_store_file(path)
+        n = int(t["labels"].shape[0])
         store = cls(dim, backend=backend, device=device)
         store._n = n
         store._cap = n
         if dim is not None:
-            store._centres = cen.contiguous().clone()
-        store._labels, store._radii, store._queries = lab.clone(), rad.clone(), qry.clone()
+            store._centres = t["centres"].contiguous().clone()
+        store._labels, store._radii, store._queries = t["labels"].clone(), t["radii"].clone(), t["queries"].clone()
         store._norms = _row_norms(store._centres) if dim is not None else torch.empty(0, dtype=torch.float64)
-        store._counts = {k: int(counts[k]) for k in UPDATE_KINDS}
+        store._counts = counts
         store._index.sync(store._arrays())
         store.source = {"path": os.fspath(path), "sha256": sha256_file(path)}
         return store
-
-
-def _read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The string metadata of a safetensors file (its JSON header's __metadata__)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(os.fspath(path), framework="pt") as f:
-            meta = f.metadata()
-    except Exception as e:  # safetensors raises its own error types
-        raise CheckpointError(f"{path} is not a valid safetensors file ({e})") from None
-    return dict(meta or {})

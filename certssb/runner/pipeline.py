@@ -19,33 +19,27 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..attacks.triggers import ADDITIVE_TRIGGERS, make_trigger, poison_training_set, triggered_test_set
+from ..attacks.triggers import make_trigger, poison_training_set, triggered_test_set
 from ..certify.bounds import certified_radius, pa_lower, poison_budget
 from ..certify.votes import VoteCheckpoint, certify_votes, collect_votes
 from .config import RunConfig, resolve_device
 from ..data.loading import load_task
 from .distributed import Dist, all_reduce_votes
 from ..smoothing.ensemble import EnsembleDir, EnsembleSpec
-from ..errors import CertssbError, CheckpointError
-from ..core.files import atomic_write_json, atomic_write_text, load_tensors, read_json, save_tensors
+from ..errors import CertssbError
+from ..core.files import atomic_write_json, atomic_write_text, read_json, save_tensors
 from ..kernels import using_backend
 from ..models.architectures import build_model, default_arch
 from ..smoothing.noise import Stream, normal, sample_ids
 from ..certify.regions import RegionStore
-from .rundir import RUN_FORMAT, check_compatible
+from .rundir import RUN_FORMAT, RunDir, budget_trigger_norm, check_compatible, load_sigma, package_version
 from .lock import run_lock
-from ..report.metrics import format_table, plot_certified_accuracy, split_metrics, write_certificates_csv
+from ..report.certificates import write_certificates_csv
+from ..report.metrics import update_variants
+from ..report.table import format_table, plot_certified_accuracy
 from ..core.seeding import derive_seed, generator
 from ..smoothing.sigma import SigmaSearch, optimize_sigma, sigma_stats
 from ..smoothing.training import Schedule, predict, train_classifier
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("certssb")
-    except Exception:
-        return "unknown"
 
 
 def _hash(*parts) -> str:
@@ -273,7 +267,7 @@ def stage_certify(p: Prepared, out: Path, method: str, ens: EnsembleDir, sigma: 
     if not p.dist.is_main:
         return {}
     mode = "rab" if method == "rab" else "paper"
-    norm = cfg.delta if cfg.trigger in ADDITIVE_TRIGGERS else p.poisoned.trigger_l2["max"]
+    norm = budget_trigger_norm(cfg.trigger, cfg.delta, p.poisoned.trigger_l2["max"])
     result = {"clean": {}, "triggered": {}, "variants": {"no_update": {}, "storage_update": {}},
               "storage_update": {"applied": bool(cfg.storage_update and method == "cert-ssb")}}
     t_update = 0.0
@@ -303,14 +297,10 @@ def stage_certify(p: Prepared, out: Path, method: str, ens: EnsembleDir, sigma: 
         # summary["methods"][m]["storage_update"]["applied"] says which one the headline uses.
         rows["poison_budget"] = poison_budget(rows["radius"], norm)
         write_certificates_csv(out / f"certificates-{method}-{split}.csv", rows, kinds)
-        conservative = mode == "paper"
-        with_update = split_metrics(rows, cfg.radii, triggered=yt is not None, use_update=True,
-                                    conservative=conservative)
-        no_update = split_metrics(rows, cfg.radii, triggered=yt is not None, use_update=False,
-                                  conservative=conservative)
+        with_update, no_update, result[split] = update_variants(
+            rows, cfg.radii, triggered=yt is not None, applied=applied, conservative=mode == "paper")
         result["variants"]["storage_update"][split] = with_update
         result["variants"]["no_update"][split] = no_update
-        result[split] = with_update if applied else no_update
         result["storage_update"][split] = counts
     su = result["storage_update"]
     su["trimmed"] = su["clean"]["trimmed"] + su["triggered"]["trimmed"]
@@ -360,7 +350,7 @@ def _run(cfg: RunConfig, dist: Dist, *, train: bool, certify: bool, progress: bo
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     if dist.is_main:
-        header = {"format": RUN_FORMAT, "certssb": _version(), "torch": torch.__version__,
+        header = {"format": RUN_FORMAT, "certssb": package_version(), "torch": torch.__version__,
                   "python": platform.python_version(), "config": cfg.to_dict()}
         if train or not (out / "config.json").exists() or results == out:
             atomic_write_json(out / "config.json", header)
@@ -373,7 +363,7 @@ def _run(cfg: RunConfig, dist: Dist, *, train: bool, certify: bool, progress: bo
     p.dist = dist.init(p.device)
     summary: dict = {
         "config": cfg.to_dict(),
-        "versions": {"certssb": _version(), "torch": torch.__version__, "python": platform.python_version()},
+        "versions": {"certssb": package_version(), "torch": torch.__version__, "python": platform.python_version()},
         "device": str(p.device),
         "dataset": {"name": p.task.name, "classes": p.task.classes, "class_names": p.task.class_names,
                     "n_train": int(p.task.x_train.shape[0]), "n_test": int(p.task.x_test.shape[0]),
@@ -386,7 +376,7 @@ def _run(cfg: RunConfig, dist: Dist, *, train: bool, certify: bool, progress: bo
                    "trigger_params": p.trigger.describe()},
         "arch": p.arch,
         "no_defense": None if not dist.is_main else (
-            stage_no_defense(p, out, progress, log) if train else _saved_no_defense(out)),
+            stage_no_defense(p, out, progress, log) if train else RunDir(out, cfg).no_defense()),
         "methods": {},
     }
     sigma = None
@@ -395,7 +385,7 @@ def _run(cfg: RunConfig, dist: Dist, *, train: bool, certify: bool, progress: bo
         if train and dist.is_main:
             sigma, sigma_seconds = stage_sigma(p, out, progress, log)
         elif dist.is_main:
-            sigma = load_sigma(out / "sigma.safetensors", _sigma_sizes(p))
+            sigma = RunDir(out, cfg).sigma(_sigma_sizes(p))
         sigma = dist.broadcast_tensors(sigma, ("train", "clean", "triggered"))  # rank 0's, everywhere
     n_train = p.poisoned.x.shape[0]
     for method in cfg.methods:
@@ -483,33 +473,6 @@ def _warn_if_nothing_can_be_certified(cfg: RunConfig, num_classes: int, log: Cal
         f"{fix(cfg.bound)}" + (f" (clopper-pearson: {fix('clopper-pearson')})" if cfg.bound == "hoeffding" else ""))
 
 
-def _saved_no_defense(out: Path) -> dict:
-    path = out / "no_defense.json"
-    if not path.exists():
-        raise CertssbError(f"{out} has no trained run (no_defense.json missing); run `certssb train` first")
-    return read_json(path)["metrics"]
-
-
 def _sigma_sizes(p: Prepared) -> dict[str, int]:
     return {"train": int(p.poisoned.x.shape[0]), "clean": int(p.task.x_test.shape[0]),
             "triggered": int(p.triggered.x.shape[0])}
-
-
-def load_sigma(path: Path, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
-    """The sigma vectors of a run (sigma.safetensors), verified: checksum, one [n] float vector per
-    split of `sizes` ({"train": n, ...}), every value finite and > 0. CheckpointError otherwise."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path} is missing: this run has no Cert-SSB noise levels yet; run "
-                              "`certssb train` (or `run`) with the same settings first")
-    sig = load_tensors(path)
-    for split, n in sizes.items():
-        v = sig.get(split)
-        if v is None or not v.is_floating_point() or tuple(v.shape) != (n,):
-            got = "missing" if v is None else f"{v.dtype} {list(v.shape)}"
-            raise CheckpointError(f"{path}: sigma of split {split!r} is {got}, expected float [{n}]; the "
-                                  "file belongs to another run or is damaged: delete it and rerun `certssb train`")
-        if n and not bool((torch.isfinite(v) & (v > 0)).all()):
-            raise CheckpointError(f"{path}: sigma of split {split!r} holds values that are not finite and > 0; "
-                                  "the file is damaged: delete it and rerun `certssb train`")
-    return sig

@@ -278,7 +278,7 @@ class EnsembleDir:
             valid.update(ok)
             if len(ok) < len(ks):
                 todo.append((g, ks))
-        cache = device.type == "cpu" and GroupNoise.nbytes(x, g_size) <= NOISE_CACHE_SHARE * _free_bytes(device)
+        cache = device.type == "cpu" and GroupNoise.nbytes(x, g_size) <= NOISE_CACHE_SHARE * free_bytes(device)
         t0 = time.perf_counter()
         written = 0
         bar = tqdm(total=sum(len(ks) for _, ks in todo) * spec.schedule.epochs,
@@ -387,7 +387,7 @@ class _Scaled:
         self.bar.update(k * self.n)
 
 
-def _free_bytes(device: torch.device) -> int:
+def free_bytes(device: torch.device) -> int:
     """Free memory of the device: CUDA's mem_get_info, else MemAvailable of /proc/meminfo."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -423,7 +423,7 @@ def choose_group_size(spec: EnsembleSpec, x: torch.Tensor, device: torch.device)
     """The largest group that fits MEMORY_SHARE of the device's free memory, capped (CPU 32, GPU 1024)."""
     device = torch.device(device)
     per_model = model_memory(spec, tuple(x.shape[1:]), spec.schedule.batch_size)
-    budget = MEMORY_SHARE.get(device.type, 0.5) * _free_bytes(device)
+    budget = MEMORY_SHARE.get(device.type, 0.5) * free_bytes(device)
     cap = GPU_GROUP_CAP if device.type == "cuda" else CPU_GROUP_CAP
     return int(max(1, min(cap, spec.models, budget // max(per_model, 1))))
 
