@@ -22,8 +22,13 @@ from .images import IMAGE_EXTENSIONS, list_images
 from .locate import resolve_data_dir
 from .task import TaskData, load_task, parse_classes
 
-# The built-in datasets, in the order --dataset lists them (one import = one registration).
-from . import digits, mnist, cifar10, imagenette, folder, numpy_arrays  # noqa: E401,F401  isort: skip
+# The built-in datasets, in the order --dataset lists them: each import registers one.
+from . import digits  # noqa: F401  isort: skip
+from . import mnist  # noqa: F401  isort: skip
+from . import cifar10  # noqa: F401  isort: skip
+from . import imagenette  # noqa: F401  isort: skip
+from . import folder  # noqa: F401  isort: skip
+from . import numpy_arrays  # noqa: F401  isort: skip
 from .cifar10 import CIFAR10_CLASSES
 from .imagenette import IMAGENETTE_DEFAULT_SIZE, IMAGENETTE_NAMES
 
