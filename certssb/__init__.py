@@ -19,7 +19,7 @@ from .certify.bounds import (certified_radius, clopper_pearson_lower, conservati
                      poison_budget, radius_proxy)
 from .certify.votes import Certificates, Votes, certify_models, certify_votes, collect_votes
 from .runner.config import RunConfig
-from .data.loading import DATASETS, TaskData, load_task
+from .data import DATASETS, TaskData, load_task
 from .smoothing.ensemble import load_user_model, load_user_weights
 from .errors import CertssbError, CheckpointError, DataError
 from .models.architectures import ARCHS, build_model

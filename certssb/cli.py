@@ -10,13 +10,14 @@ import os
 import sys
 from pathlib import Path
 
-from .runner.config import DATASET_NAMES, TRIGGER_NAMES, RunConfig, parse_radii
+from .data import dataset_names
+from .runner.config import TRIGGER_NAMES, RunConfig, parse_radii
 from .errors import CertssbError
 from .kernels import BACKENDS
 
 
 def _classes(text: str):
-    from .data.loading import parse_classes
+    from .data import parse_classes
     try:
         return parse_classes(text)
     except CertssbError as e:  # argparse shows ArgumentTypeError messages verbatim
@@ -40,7 +41,7 @@ def _pixel(text: str) -> list[int]:
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and attack")
-    g.add_argument("--dataset", choices=DATASET_NAMES, default="digits",
+    g.add_argument("--dataset", choices=dataset_names(), default="digits",
                    help="digits is embedded (no files needed); default: %(default)s")
     g.add_argument("--data-dir", help="dataset location (else $CERTSSB_DATA, else ../shared/data)")
     g.add_argument("--classes", type=_classes, default=None,

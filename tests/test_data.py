@@ -1,4 +1,4 @@
-"""Tests for certssb.data.loading: every reader on tiny files generated here, every error path, and the
+"""Tests for certssb.data: every reader on tiny files generated here, every error path, and the
 real datasets in shared/data (skipped when absent)."""
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-import certssb.data.loading as D
-from certssb.data.loading import (CIFAR10_CLASSES, DATASETS, TaskData, load_task, parse_classes,
+import certssb.data.locate as D
+from certssb.data import (CIFAR10_CLASSES, DATASETS, TaskData, load_task, parse_classes,
                           resolve_data_dir)
 from certssb.errors import CertssbError, DataError
 

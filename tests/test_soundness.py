@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from certssb.data.loading import load_task
+from certssb.data import load_task
 from certssb.errors import CertssbError
 from certssb.experiments.soundness import (SoundnessConfig, backdoor_check, certify_inputs, check_report,
                                class_means, format_markdown, margin_gradient, perturbation_check,

@@ -21,7 +21,7 @@ from certssb.runner import pipeline
 from certssb.certify.votes import VoteCheckpoint, Votes
 from certssb.cli import main
 from certssb.runner.config import RunConfig
-from certssb.data.loading import load_task
+from certssb.data import load_task
 from certssb.errors import CertssbError, CheckpointError, DataError
 from certssb.core.files import load_tensors
 from certssb.smoothing.noise import SPLIT_OFFSETS

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from ..certify.bounds import BOUNDS
 from ..certify.votes import Certificates, certify_votes, collect_votes
 from ..runner.config import DATASET_DEFAULTS
-from ..data.loading import TaskData, load_task
+from ..data import TaskData, load_task
 from ..smoothing.ensemble import CPU_GROUP_CAP, EnsembleSpec, group_ranges
 from ..errors import CertssbError
 from ..models.architectures import default_arch

@@ -17,29 +17,15 @@ import torch
 
 from ..attacks.triggers import TRIGGERS as TRIGGER_NAMES
 from ..certify.bounds import BOUNDS as BOUND_NAMES
-from ..data.loading import DATASETS as DATASET_NAMES
+from ..data import dataset_names, get_dataset, training_defaults
 from ..errors import CertssbError
 from ..kernels import check_backend
 from ..models.architectures import ARCHS
 
 METHOD_NAMES = ("cert-ssb", "rab")
 
-# Paper schedules (Adam): MNIST 20 epochs batch 128 lr 1e-3; CIFAR 10 / 64 / 1e-3;
-# ImageNette 5 / 32 / 1e-4. digits is the embedded demo: small and quick, with the
-# blending trigger at 5% (the centre pixel of an 8x8 digit is mostly ink already, so
-# one-pixel poisoning barely works there: attack success ~1-5% without any defense).
-DATASET_DEFAULTS = {
-    "digits": {"epochs": 20, "batch_size": 64, "lr": 1e-3, "models": 32,
-               "trigger": "blending", "poison_rate": 0.05, "radii": [round(0.025 * i, 3) for i in range(11)]},
-    "mnist": {"epochs": 20, "batch_size": 128, "lr": 1e-3, "models": 100},
-    "cifar10": {"epochs": 10, "batch_size": 64, "lr": 1e-3, "models": 100},
-    "imagenette": {"epochs": 5, "batch_size": 32, "lr": 1e-4, "models": 50},
-    "folder": {"epochs": 10, "batch_size": 64, "lr": 1e-3, "models": 100},
-    "numpy": {"epochs": 10, "batch_size": 64, "lr": 1e-3, "models": 100},
-}
-# RAB's MNIST pixel-trigger positions: the centre of a '1' is ink, where clipping would
-# erase a one-pixel trigger (measured L2 0.03 instead of 1.0 at the centre).
-MNIST_TRIGGER_PIXELS = {"onepixel": [23, 23], "fourpixel": [19, 19]}
+# Per-dataset schedules (epochs, batch size, lr, models, and for some the trigger, poison
+# rate, radii and trigger position) are part of each dataset's registration in certssb/data/.
 DEFAULT_RADII = tuple(round(0.25 * i, 2) for i in range(11))  # 0 .. 2.5
 
 
@@ -104,9 +90,8 @@ class RunConfig:
     def resolve(self) -> "RunConfig":
         """A copy with every None default filled in (dataset schedule, sigma range), validated."""
         c = dataclasses.replace(self)
-        if c.dataset not in DATASET_NAMES:
-            raise CertssbError(f"unknown dataset {c.dataset!r}; choose one of {', '.join(DATASET_NAMES)}")
-        dflt = DATASET_DEFAULTS[c.dataset]
+        _check_dataset(c.dataset)
+        dflt = training_defaults(c.dataset)
         c.epochs = dflt["epochs"] if c.epochs is None else c.epochs
         c.batch_size = dflt["batch_size"] if c.batch_size is None else c.batch_size
         c.lr = dflt["lr"] if c.lr is None else c.lr
@@ -118,8 +103,9 @@ class RunConfig:
             c.sigma_lr = 0.1 * c.sigma0 if c.sigma_lr is None else c.sigma_lr
             c.sigma_min = c.sigma0 / 2 if c.sigma_min is None else c.sigma_min
             c.sigma_max = 2 * c.sigma0 if c.sigma_max is None else c.sigma_max
-        if c.trigger_pixel is None and c.dataset == "mnist":
-            c.trigger_pixel = MNIST_TRIGGER_PIXELS.get(c.trigger)
+        if c.trigger_pixel is None:
+            pixel = get_dataset(c.dataset).training.trigger_pixels.get(c.trigger)
+            c.trigger_pixel = None if pixel is None else list(pixel)
         radii = dflt.get("radii", DEFAULT_RADII) if c.radii is None else c.radii
         c.radii = sorted({float(r) for r in radii})
         c.validate()
@@ -135,8 +121,7 @@ class RunConfig:
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
                 raise CertssbError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v!r}")
 
-        if self.dataset not in DATASET_NAMES:
-            raise CertssbError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASET_NAMES)}")
+        _check_dataset(self.dataset)
         if self.method not in METHOD_NAMES + ("both",):
             raise CertssbError(f"unknown method {self.method!r}; choose cert-ssb, rab or both")
         if self.trigger is not None and self.trigger not in TRIGGER_NAMES:
@@ -201,6 +186,22 @@ class RunConfig:
         if self.all_to_all and self.target is not None:
             raise CertssbError("--all-to-all relabels every class to the next one; do not also give --target")
         resolve_device(self.device)
+
+
+def _check_dataset(name: Any) -> None:
+    names = dataset_names()
+    if name not in names:
+        raise CertssbError(f"unknown dataset {name!r}; choose one of {', '.join(names)}")
+
+
+def __getattr__(name: str) -> Any:
+    # DATASET_NAMES / DATASET_DEFAULTS read the dataset registry at each access, so a
+    # dataset registered after this import is listed too.
+    if name == "DATASET_NAMES":
+        return dataset_names()
+    if name == "DATASET_DEFAULTS":
+        return {n: training_defaults(n) for n in dataset_names()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -23,7 +23,7 @@ from ..attacks.triggers import make_trigger, poison_training_set, triggered_test
 from ..certify.bounds import certified_radius, pa_lower, poison_budget
 from ..certify.votes import VoteCheckpoint, certify_votes, collect_votes
 from .config import RunConfig, resolve_device
-from ..data.loading import load_task
+from ..data import load_task
 from .distributed import Dist, all_reduce_votes
 from ..smoothing.ensemble import EnsembleDir, EnsembleSpec
 from ..errors import CertssbError
