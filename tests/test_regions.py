@@ -663,13 +663,15 @@ def test_load_rejects_corrupt_files(tmp_path):
 
 def test_chunked_distances_give_the_same_decisions(monkeypatch):
     """Tiny distance blocks (as for huge stores / ImageNette-sized inputs) change nothing."""
+    import certssb.certify.region_decisions as decisions
     import certssb.certify.regions as regions
 
     xs, labels, radii, abstain = random_stream(21, 10, 120)
     args = (torch.from_numpy(xs), torch.from_numpy(labels), torch.from_numpy(radii), torch.from_numpy(abstain))
     big = RegionStore(backend="reference")
     out_big = big.certify_stream(*args)
-    monkeypatch.setattr(regions, "_CHUNK_ELEMS", 35)  # 3 rows of 10 features per block
+    for module in (regions, decisions):  # 3 rows of 10 features per block
+        monkeypatch.setattr(module, "CHUNK_ELEMS", 35)
     small = RegionStore(backend="reference")
     out_small = small.certify_stream(*args)
     assert torch.equal(out_big[0], out_small[0]) and torch.equal(out_big[1], out_small[1])
@@ -682,7 +684,7 @@ def test_chunked_distances_give_the_same_decisions(monkeypatch):
 def test_exact_distances_do_not_depend_on_the_other_rows():
     """What makes candidate-only decisions bit-identical: the distance to a row is the same
     whether it is computed alone, among candidates, or in a full scan (any D)."""
-    from certssb.certify.regions import exact_distances
+    from certssb.certify.region_decisions import exact_distances
 
     g = torch.Generator().manual_seed(3)
     for dim in (1, 7, 784, 3072):

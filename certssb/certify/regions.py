@@ -32,7 +32,6 @@ import math
 import numbers
 import os
 import time
-from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -41,128 +40,16 @@ from torch import Tensor
 
 from ..errors import CertssbError
 from ..core.files import sha256_file
+from .region_decisions import (CHUNK_ELEMS, DECISION_KINDS, DecisionBlock, RegionDecision, all_earlier, empty_csr,
+                               exact_distances, pair_distances, row_norms)
 from .region_file import FORMAT_VERSION, UPDATE_KINDS, read_store_file, write_store_file
 from .region_search import BACKENDS, Candidates, StoreArrays, make_index
 
 __all__ = ["UPDATE_KINDS", "RegionDecision", "RegionStore", "FORMAT_VERSION", "BACKENDS", "exact_distances"]
 
-# Chunk the float64 difference computations to about this many elements (memory bound).
-_CHUNK_ELEMS = 1 << 22
 # check_invariant forgives overlaps this small relative to R_i + R_j (float64 rounding of
 # R = ||x - x_i|| - R_i and of differently ordered sums).
 _INVARIANT_RTOL = 1e-9
-
-
-@dataclass
-class RegionDecision:
-    """Outcome of one `RegionStore.update`.
-
-    label: the stored (possibly aligned) label; radius: the stored (possibly trimmed) radius;
-    kind: one of "none", "trim", "align"; conflict: store index of i*, -1 when kind == "none".
-    """
-
-    label: int
-    radius: float
-    kind: str
-    conflict: int
-
-
-def exact_distances(a: Tensor, b: Tensor) -> Tensor:
-    """Exact Euclidean distances float64 [n, k] between the rows of a [n, D] and b [k, D] (CPU).
-
-    The one distance every backend decides with. Blocks of rows are cast to float64 one at a
-    time (the store stays float32 and no float64 copy of it is ever made) and compared by the
-    direct sum of squared differences, accumulated sequentially over the D features of each
-    pair (torch.cdist without the ||a||^2 + ||b||^2 - 2ab expansion, which loses precision for
-    close points). Each entry depends only on its two rows, not on the other rows passed: the
-    distance to a candidate row equals the one a full scan computes, bit for bit.
-
-    Example: exact_distances(torch.zeros(1, 2), torch.tensor([[3.0, 4.0]])) -> [[5.0]].
-    """
-    n, d = a.shape
-    k = b.shape[0]
-    out = torch.empty(n, k, dtype=torch.float64, device=a.device)
-    if n == 0 or k == 0:
-        return out
-    rows = max(1, _CHUNK_ELEMS // max(d, 1))
-    for i in range(0, n, rows):
-        a64 = a[i:i + rows].to(torch.float64)
-        for j in range(0, k, rows):
-            out[i:i + rows, j:j + rows] = torch.cdist(a64, b[j:j + rows].to(torch.float64),
-                                                      compute_mode="donot_use_mm_for_euclid_dist")
-    return out
-
-
-def pair_distances(a: Tensor, ia: np.ndarray, b: Tensor, ib: np.ndarray) -> np.ndarray:
-    """Exact distances float64 [k] of the row pairs (a[ia[p]], b[ib[p]]), CPU.
-
-    Bit for bit the entries `exact_distances` computes (the same cdist kernel, batched one
-    pair per batch entry), in chunks of about _CHUNK_ELEMS gathered elements.
-    """
-    k = int(ia.shape[0])
-    out = np.empty(k, dtype=np.float64)
-    d = a.shape[1]
-    rows = max(1, _CHUNK_ELEMS // max(d, 1))
-    for s in range(0, k, rows):
-        e = min(k, s + rows)
-        xa = a.index_select(0, torch.from_numpy(ia[s:e])).to(torch.float64)
-        xb = b.index_select(0, torch.from_numpy(ib[s:e])).to(torch.float64)
-        out[s:e] = torch.cdist(xa[:, None, :], xb[:, None, :],
-                               compute_mode="donot_use_mm_for_euclid_dist")[:, 0, 0].numpy()
-    return out
-
-
-_KINDS = ("none", "trim", "align")
-
-
-def _empty_csr(b: int) -> Candidates:
-    return np.zeros(b + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
-
-
-def _all_earlier(b: int) -> Candidates:
-    """CSR of every pair (j, k), k < j, of a block of b inputs."""
-    lims = np.zeros(b + 1, dtype=np.int64)
-    np.cumsum(np.arange(b, dtype=np.int64), out=lims[1:])
-    return lims, np.tril_indices(b, -1)[1].astype(np.int64)
-
-
-class _Block:
-    """Decisions of a block of inputs as arrays: label int64, radius float64, kind int8 (index
-    into _KINDS), conflict int64, and the margin of the chosen conflict (inf for "none")."""
-
-    def __init__(self, label: np.ndarray, radius: np.ndarray) -> None:
-        b = label.shape[0]
-        self.label = label.astype(np.int64, copy=True)
-        self.radius = radius.astype(np.float64, copy=True)
-        self.kind = np.zeros(b, dtype=np.int8)
-        self.conflict = np.full(b, -1, dtype=np.int64)
-        self.margin = np.full(b, np.inf)
-
-    def set_best(self, j, margin, idx, d, lab, rad) -> None:
-        """Vectorized: inputs j conflict, least margin at store rows idx (distance d, label lab,
-        radius rad): trim where margin >= 0, else align."""
-        self.margin[j] = margin
-        self.conflict[j] = idx
-        trim = margin >= 0
-        self.kind[j] = np.where(trim, 1, 2)
-        self.radius[j] = np.where(trim, margin, rad - d)
-        self.label[j] = np.where(trim, self.label[j], lab)
-
-    def put(self, j: int, dec: RegionDecision, margin: float = math.inf) -> None:
-        self.label[j], self.radius[j] = dec.label, dec.radius
-        self.kind[j] = _KINDS.index(dec.kind)
-        self.conflict[j] = dec.conflict
-        self.margin[j] = margin
-
-    def decisions(self) -> list[RegionDecision]:
-        return [RegionDecision(int(lab), float(r), _KINDS[k], int(c))
-                for lab, r, k, c in zip(self.label.tolist(), self.radius.tolist(), self.kind.tolist(),
-                                        self.conflict.tolist())]
-
-
-def _row_norms(x: Tensor) -> Tensor:
-    """||row|| in float64 for float32 rows [B, D] (for the search's error bound only)."""
-    return torch.linalg.vector_norm(x.to(torch.float64), dim=1)
 
 
 class RegionStore:
@@ -385,12 +272,12 @@ class RegionStore:
         return self._index.search(xs, norms, labels, radii, self._arrays())
 
     def _decide_against_stored(self, xs: Tensor, labels: np.ndarray, radii: np.ndarray, cands: Candidates
-                               ) -> _Block:
+                               ) -> DecisionBlock:
         """Vectorized decisions of a block of inputs against stored rows (candidates in CSR), as
         if no other input of the block existed. The exact distances of all candidate pairs come
         from one batched call; per input, the conflict of least margin (ties: lowest index)."""
         b = xs.shape[0]
-        blk = _Block(labels, radii)
+        blk = DecisionBlock(labels, radii)
         lims, ids = cands
         if ids.size == 0:
             return blk
@@ -408,7 +295,7 @@ class RegionStore:
         blk.set_best(qj[first], margin[first], ids[first], d[first], lab_c[first], rad_c[first])
         return blk
 
-    def _insert_block(self, xs: Tensor, labels: np.ndarray, radii: np.ndarray, qnums: np.ndarray) -> _Block:
+    def _insert_block(self, xs: Tensor, labels: np.ndarray, radii: np.ndarray, qnums: np.ndarray) -> DecisionBlock:
         """Decide and store a block of inputs in order (xs float32 [B, D] contiguous, CPU).
 
         The search runs once for the whole block against the rows stored before it, and the
@@ -421,21 +308,21 @@ class RegionStore:
             self._dim = int(xs.shape[1])
             self._alloc(max(self._cap, b))
         n0 = self._n
-        norms = _row_norms(xs).numpy()
-        cands = self._search(xs, labels, radii, norms) if n0 else _empty_csr(b)
+        norms = row_norms(xs).numpy()
+        cands = self._search(xs, labels, radii, norms) if n0 else empty_csr(b)
         inner = None
         if b > 1 and cands is not None:
             r_bound = max(float(radii.max()), float(self._radii[:n0].max()) if n0 else 0.0)
             inner = self._index.search_block(xs, norms, radii, r_bound)
             if inner is None:  # the search declined: every earlier input of the block
-                inner = _all_earlier(b)
+                inner = all_earlier(b)
         self._grow_for(n0 + b)
         self._centres[n0:n0 + b] = xs
         self._norms[n0:n0 + b] = torch.from_numpy(norms)
         self._queries[n0:n0 + b] = torch.from_numpy(qnums)
         lab_np, rad_np = self._labels.numpy(), self._radii.numpy()
         if cands is None:  # reference search: every stored row, one input at a time
-            blk = _Block(labels, radii)
+            blk = DecisionBlock(labels, radii)
             for j in range(b):
                 dec = self._decide_exact(xs[j], int(labels[j]), float(radii[j]), None, n0 + j)
                 blk.put(j, dec)
@@ -448,11 +335,11 @@ class RegionStore:
                 self._decide_inside_block(xs, labels, radii, blk, inner, n0)
         self._n = n0 + b
         for code, cnt in enumerate(np.bincount(blk.kind, minlength=3)):
-            self._counts[_KINDS[code]] += int(cnt)
+            self._counts[DECISION_KINDS[code]] += int(cnt)
         self._index.sync(self._arrays())
         return blk
 
-    def _decide_inside_block(self, xs: Tensor, labels: np.ndarray, radii: np.ndarray, blk: _Block,
+    def _decide_inside_block(self, xs: Tensor, labels: np.ndarray, radii: np.ndarray, blk: DecisionBlock,
                              inner: Candidates, n0: int) -> None:
         """Redo, in order, the decisions of the block's inputs that may conflict with an earlier
         input of the same block (rows n0 + k, already decided and written)."""
@@ -501,7 +388,7 @@ class RegionStore:
         for a in range(0, xs.shape[0], bs):
             blk_x = xs[a:a + bs].contiguous()
             la, ra = lab[a:a + bs], rad[a:a + bs]
-            cands = self._search(blk_x, la, ra, _row_norms(blk_x).numpy()) if self._n else _empty_csr(len(la))
+            cands = self._search(blk_x, la, ra, row_norms(blk_x).numpy()) if self._n else empty_csr(len(la))
             if cands is None:
                 out += [self._decide_exact(blk_x[j], int(la[j]), float(ra[j]), None, self._n)
                         for j in range(blk_x.shape[0])]
@@ -600,7 +487,7 @@ class RegionStore:
             if self._dim is not None and xflat.shape[1] != self._dim:
                 raise CertssbError(f"x has {xflat.shape[1]} elements per input but the store holds inputs "
                                    f"of dim {self._dim}; use one store per dataset / input shape")
-            rows = max(1, _CHUNK_ELEMS // max(xflat.shape[1], 1))
+            rows = max(1, CHUNK_ELEMS // max(xflat.shape[1], 1))
             for a in range(0, n, rows):  # in chunks: no full float32 copy of x
                 kc = keep[a:a + rows].to(xflat.device)
                 if not bool(torch.isfinite(xflat[a:a + rows][kc].to(torch.float32)).all()):
@@ -650,7 +537,7 @@ class RegionStore:
                     lab_np[idx] = blk.label
                     rad_np[idx] = blk.radius
                     for i, code in zip(idx.tolist(), blk.kind.tolist()):
-                        kinds[i] = _KINDS[code]
+                        kinds[i] = DECISION_KINDS[code]
                 if bar is not None:
                     bar.update(stop - pos)
                 pos = stop
@@ -726,7 +613,7 @@ class RegionStore:
         if dim is not None:
             store._centres = t["centres"].contiguous().clone()
         store._labels, store._radii, store._queries = t["labels"].clone(), t["radii"].clone(), t["queries"].clone()
-        store._norms = _row_norms(store._centres) if dim is not None else torch.empty(0, dtype=torch.float64)
+        store._norms = row_norms(store._centres) if dim is not None else torch.empty(0, dtype=torch.float64)
         store._counts = counts
         store._index.sync(store._arrays())
         store.source = {"path": os.fspath(path), "sha256": sha256_file(path)}

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from ..data.images import list_images
 from ..errors import CertssbError, DataError
 
 # Input keys looked for in .npz / .safetensors files, in this order (else the only array).
@@ -97,7 +98,7 @@ class InputFile:
         self._labels: Optional[np.ndarray] = None
         if self.path.is_dir():
             self.kind = "folder"
-            self._files = _list_images(self.path)
+            self._files = list_images(self.path)
             if not self._files:
                 raise DataError(f"{self.path} holds no image files; pass a folder of .png/.jpg images or an "
                                 "array file")
@@ -253,12 +254,6 @@ class InputFile:
             y = None if self._labels is None else torch.from_numpy(self._labels[start:start + k].copy())
             start += k
             yield x, y
-
-
-def _list_images(folder: Path) -> list[Path]:
-    from ..data.loading import IMAGE_EXTENSIONS
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def _pick_key(names: Sequence[str], key: Optional[str], preferred: Sequence[str], path: Path) -> str:
