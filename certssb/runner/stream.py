@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from ..attacks.triggers import ADDITIVE_TRIGGERS
+from ..attacks import ADDITIVE_TRIGGERS
 from ..certify.bounds import poison_budget
 from ..certify.votes import Certificates, Votes, certify_votes, collect_votes
 from .config import RunConfig, resolve_device
@@ -59,7 +59,7 @@ from ..errors import CertssbError, CheckpointError, DataError
 from ..core.files import (CHECKSUM_KEY, AtomicFile, atomic_write_json, content_digest, load_tensors, read_json,
                      save_tensors, sha256_file)
 from ..kernels import using_backend
-from ..models.architectures import build_model, count_parameters
+from ..models import build_model, count_parameters
 from ..certify.regions import FORMAT_VERSION as STORE_FORMAT_VERSION, RegionStore
 from ..certify.regions import _FORMAT_NAME as STORE_FORMAT_NAME, _META_KEY as STORE_META_KEY
 from .rundir import check_compatible
