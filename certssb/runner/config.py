@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..attacks import TRIGGERS as TRIGGER_NAMES, check_trigger_options, trigger_names
+from ..attacks import TRIGGERS as TRIGGER_NAMES, check_trigger_options, trigger_names  # noqa: F401  (TRIGGER_NAMES: re-exported)
 from ..certify.bounds import BOUNDS as BOUND_NAMES
 from ..data.loading import DATASETS as DATASET_NAMES
 from ..errors import CertssbError
