@@ -148,7 +148,7 @@ def bench_radius(device, smoke, repeats):
 def certification_context(device, smoke, repeats):
     """Forward time of the paper's MNIST CNN on the MNIST test set for all M models (what vote and
     radius must not dominate)."""
-    from certssb.models.architectures import build_model
+    from certssb.models import build_model
 
     b, c, h, w, m, classes = TASKS["mnist"]
     if smoke:

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without install
 from certssb.certify.votes import collect_votes  # noqa: E402
 from certssb.data import load_task  # noqa: E402
 from certssb.smoothing.ensemble import EnsembleSpec, choose_group_size  # noqa: E402
-from certssb.models.architectures import build_model, default_arch  # noqa: E402
+from certssb.models import build_model, default_arch  # noqa: E402
 from certssb.core.seeding import derive_seed  # noqa: E402
 from certssb.smoothing.training import GroupNoise, Schedule, default_chunk, train_group  # noqa: E402
 from certssb.models.grouped import GroupedModel  # noqa: E402

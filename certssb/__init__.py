@@ -14,7 +14,7 @@ See README.md for the CLI and docs/THEORY.md for what each number guarantees.
 from __future__ import annotations
 
 from ._ops import build_info, has_cuda_kernels
-from .attacks.triggers import TRIGGERS, make_trigger, poison_training_set, triggered_test_set
+from .attacks import TRIGGERS, make_trigger, poison_training_set, triggered_test_set
 from .certify.bounds import (certified_radius, clopper_pearson_lower, conservative_radius, hoeffding_lower,
                      poison_budget, radius_proxy)
 from .certify.votes import Certificates, Votes, certify_models, certify_votes, collect_votes
@@ -22,7 +22,7 @@ from .runner.config import RunConfig
 from .data import DATASETS, TaskData, load_task
 from .smoothing.ensemble import load_user_model, load_user_weights
 from .errors import CertssbError, CheckpointError, DataError
-from .models.architectures import ARCHS, build_model
+from .models import ARCHS, build_model
 from .smoothing.noise import Stream, noisy_copies, normal
 from .runner.pipeline import run
 from .certify.regions import RegionStore

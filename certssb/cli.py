@@ -10,8 +10,9 @@ import os
 import sys
 from pathlib import Path
 
+from .attacks.registry import describe_options, trigger_names
 from .data import dataset_names
-from .runner.config import TRIGGER_NAMES, RunConfig, parse_radii
+from .runner.config import RunConfig, parse_radii
 from .errors import CertssbError
 from .kernels import BACKENDS
 
@@ -39,6 +40,23 @@ def _pixel(text: str) -> list[int]:
     return [row, col]
 
 
+class _TriggerOption(argparse.Action):
+    """--trigger-option KEY=VALUE (repeatable) -> a dict; VALUE read as an integer, else a number, else text."""
+
+    def __call__(self, parser, namespace, text, option_string=None):
+        key, sep, raw = text.partition("=")
+        if not sep or not key.strip():
+            raise argparse.ArgumentError(self, f"expected KEY=VALUE, got {text!r}")
+        value: object = raw.strip()
+        for kind in (int, float):
+            try:
+                value = kind(raw)
+                break
+            except ValueError:
+                pass
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest) or {}), key.strip(): value})
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and attack")
     g.add_argument("--dataset", choices=dataset_names(), default="digits",
@@ -50,12 +68,15 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-size", type=int, help="resize images to this size (ImageNette, folder)")
     g.add_argument("--max-train", type=int, help="use a seeded subsample of this many training images")
     g.add_argument("--max-test", type=int, help="use a seeded subsample of this many test images")
-    g.add_argument("--trigger", choices=TRIGGER_NAMES, default=None,
+    g.add_argument("--trigger", choices=trigger_names(), default=None,
                    help="default: onepixel (blending for digits, where one pixel barely poisons)")
     g.add_argument("--delta", type=float, default=1.0, help="nominal L2 norm of the trigger (default 1.0)")
     g.add_argument("--trigger-pixel", type=_pixel, default=None, metavar="ROW,COL",
                    help="position of the one-pixel trigger / centre of the four-pixel trigger "
                         "(default: the image centre; MNIST: RAB's positions 23,23 and 19,19)")
+    g.add_argument("--trigger-option", action=_TriggerOption, dest="trigger_options", default=None,
+                   metavar="KEY=VALUE", help="a parameter of the chosen trigger, repeatable ("
+                   + describe_options() + ")")
     g.add_argument("--poison-rate", type=float, default=None,
                    help="share of training samples poisoned (default 0.02; 0.05 for digits)")
     g.add_argument("--target", type=int, default=None,
@@ -201,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 CONFIG_KEYS = ("dataset", "data_dir", "classes", "image_size", "max_train", "max_test", "trigger", "delta",
-               "trigger_pixel",
+               "trigger_pixel", "trigger_options",
                "poison_rate", "target", "all_to_all", "method", "sigma0", "sigma_steps", "sigma_draws",
                "sigma_lr", "sigma_min", "sigma_max", "models", "epochs", "base_epochs", "batch_size", "lr",
                "arch", "bound", "alpha", "radii", "storage_update", "region_order", "seed", "device",

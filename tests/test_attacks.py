@@ -1,4 +1,4 @@
-"""Tests for certssb.attacks.triggers: trigger pixels and norms, poisoning, triggered test sets, errors."""
+"""Tests for certssb.attacks: trigger pixels and norms, poisoning, triggered test sets, errors."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from certssb.attacks.triggers import (
+from certssb.attacks import (
     TRIGGERS,
     PoisonedTrainingSet,
     Trigger,

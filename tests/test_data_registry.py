@@ -135,13 +135,16 @@ def test_builtin_defaults_unchanged():
     assert RunConfig(dataset="cifar10").resolve().trigger_pixel is None
 
 
-def test_default_arch_matches_models():
-    # The spec's default_arch mirrors models.architectures.default_arch for the named datasets.
-    from certssb.models.architectures import default_arch
-    for name in BUILTIN:
-        spec = get_dataset(name)
-        if spec.default_arch is not None:
-            assert default_arch(name, (3, 32, 32)) == spec.default_arch
+def test_default_arch_comes_from_the_dataset_spec():
+    """models.default_arch reads the dataset's declared architecture; undeclared ones go by shape."""
+    from certssb.models import default_arch
+    expected = {"digits": "digits-cnn", "mnist": "mnist-cnn", "cifar10": "cifar-preact-resnet",
+                "imagenette": "resnet18"}
+    for name, arch in expected.items():
+        assert get_dataset(name).default_arch == arch
+        assert default_arch(name, (3, 200, 200)) == arch  # the shape rule alone would say resnet18 / other
+    assert default_arch("folder", (3, 32, 32)) == "cifar-preact-resnet"
+    assert default_arch("not-registered", (1, 8, 8)) == "digits-cnn"
 
 
 def test_list_images_is_the_shared_helper(tmp_path):

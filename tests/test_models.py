@@ -1,4 +1,4 @@
-"""Tests for certssb.models.architectures: shapes, parameter counts, trainability, vmap, errors."""
+"""Tests for certssb.models: shapes, parameter counts, trainability, vmap, errors."""
 from __future__ import annotations
 
 import copy
@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state
 
 from certssb.errors import CertssbError
-from certssb.models.architectures import ARCHS, build_model, count_parameters, default_arch
+from certssb.models import ARCHS, build_model, count_parameters, default_arch
 
 
 @pytest.mark.parametrize(

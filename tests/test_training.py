@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from certssb.errors import CertssbError
-from certssb.models.architectures import build_model
+from certssb.models import build_model
 from certssb.smoothing.noise import Stream, noisy_copies
 from certssb.smoothing.training import (GroupNoise, Schedule, batch_order, fixed_noise_fn, predict, train_classifier,
                               train_group)

@@ -27,7 +27,7 @@ from torch import nn
 
 from certssb.runner import pipeline, rundir
 from certssb import RegionStore, RunConfig, certify_models, load_task
-from certssb.attacks.triggers import make_trigger, poison_training_set
+from certssb.attacks import make_trigger, poison_training_set
 from certssb.certify.bounds import certified_radius, clopper_pearson_lower, hoeffding_lower, radius_proxy
 from certssb.certify.votes import Votes, certify_votes, collect_votes
 from certssb.cli import main

@@ -7,7 +7,7 @@ from torch import nn
 from certssb.smoothing import training
 from certssb.certify.votes import Votes, collect_votes
 from certssb.errors import CertssbError
-from certssb.models.architectures import build_model
+from certssb.models import build_model
 from certssb.models.grouped import GroupedModel, from_states, to_grouped_layout
 
 # (arch, (C, H, W)): small inputs keep the ResNets fast on one core

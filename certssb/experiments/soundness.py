@@ -51,7 +51,7 @@ from ..runner.config import DATASET_DEFAULTS
 from ..data import TaskData, load_task
 from ..smoothing.ensemble import CPU_GROUP_CAP, EnsembleSpec, group_ranges
 from ..errors import CertssbError
-from ..models.architectures import default_arch
+from ..models import default_arch
 from ..smoothing.noise import Stream, noisy_copies
 from ..core.seeding import generator
 from ..smoothing.training import GroupNoise, Schedule, train_group

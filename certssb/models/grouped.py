@@ -26,7 +26,7 @@ per-model losses is each model's own gradient (Adam is elementwise, so one
 optimizer over the stacked parameters equals Mc separate ones).
 
 Weights go in and out as plain per-model state dicts (`state_dicts`,
-`from_states`), so checkpoints load into `certssb.models.architectures.build_model`.
+`from_states`), so checkpoints load into `certssb.models.build_model`.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CertssbError
-from .architectures import build_model
+from .registry import build_model
 
 # Modules without parameters that act on each channel separately: safe on grouped tensors.
 _CHANNELWISE = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity,
@@ -314,7 +314,7 @@ def to_grouped_layout(x: torch.Tensor) -> torch.Tensor:
 
 def from_states(arch: str, in_channels: int, num_classes: int, image_size: tuple[int, int],
                 states: Iterable[dict[str, torch.Tensor]]) -> GroupedModel:
-    """A GroupedModel from plain state dicts of `arch` (as `certssb.models.architectures.build_model` builds it)."""
+    """A GroupedModel from plain state dicts of `arch` (as `certssb.models.build_model` builds it)."""
     models = []
     for state in states:
         model = build_model(arch, in_channels, num_classes, image_size)

@@ -15,12 +15,12 @@ from typing import Any, Optional
 
 import torch
 
-from ..attacks.triggers import TRIGGERS as TRIGGER_NAMES
+from ..attacks import TRIGGERS as TRIGGER_NAMES, check_trigger_options, trigger_names  # noqa: F401  (TRIGGER_NAMES: re-exported)
 from ..certify.bounds import BOUNDS as BOUND_NAMES
 from ..data import dataset_names, get_dataset, training_defaults
 from ..errors import CertssbError
 from ..kernels import check_backend
-from ..models.architectures import ARCHS
+from ..models import arch_names
 
 METHOD_NAMES = ("cert-ssb", "rab")
 
@@ -43,6 +43,7 @@ class RunConfig:
     trigger: Optional[str] = None  # default: onepixel (blending for digits)
     delta: float = 1.0
     trigger_pixel: Optional[list[int]] = None  # default: image centre (MNIST: RAB's positions)
+    trigger_options: Optional[dict] = None  # the trigger's own parameters, e.g. {"patch_size": 4}
     poison_rate: Optional[float] = None  # default: 0.02 (0.05 for digits)
     target: Optional[int] = None  # original class id; default: 0 if among the classes, else the first
     all_to_all: bool = False
@@ -77,7 +78,10 @@ class RunConfig:
         return ["rab", "cert-ssb"] if self.method == "both" else [self.method]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["trigger_options"] is None:  # keeps config.json / summary.json of runs without options as before
+            del d["trigger_options"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
@@ -124,12 +128,14 @@ class RunConfig:
         _check_dataset(self.dataset)
         if self.method not in METHOD_NAMES + ("both",):
             raise CertssbError(f"unknown method {self.method!r}; choose cert-ssb, rab or both")
-        if self.trigger is not None and self.trigger not in TRIGGER_NAMES:
-            raise CertssbError(f"unknown trigger {self.trigger!r}; choose one of {', '.join(TRIGGER_NAMES)}")
+        if self.trigger is not None and self.trigger not in trigger_names():
+            raise CertssbError(f"unknown trigger {self.trigger!r}; choose one of {', '.join(trigger_names())}")
+        if self.trigger_options is not None:
+            check_trigger_options(self.trigger, self.trigger_options)
         if self.bound not in BOUND_NAMES:
             raise CertssbError(f"unknown bound {self.bound!r}; choose one of {', '.join(BOUND_NAMES)}")
-        if self.arch is not None and self.arch not in ARCHS:
-            raise CertssbError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)} "
+        if self.arch is not None and self.arch not in arch_names():
+            raise CertssbError(f"unknown architecture {self.arch!r}; choose one of {', '.join(arch_names())} "
                                "(or leave --arch out for the dataset's default)")
         if self.data_dir is not None and not isinstance(self.data_dir, (str, os.PathLike)):
             raise CertssbError(f"--data-dir must be a path, got {self.data_dir!r}")

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..attacks.triggers import make_trigger, poison_training_set, triggered_test_set
+from ..attacks import make_trigger, poison_training_set, triggered_test_set
 from ..certify.bounds import certified_radius, pa_lower, poison_budget
 from ..certify.votes import VoteCheckpoint, certify_votes, collect_votes
 from .config import RunConfig, resolve_device
@@ -29,7 +29,7 @@ from ..smoothing.ensemble import EnsembleDir, EnsembleSpec
 from ..errors import CertssbError
 from ..core.files import atomic_write_json, atomic_write_text, read_json, save_tensors
 from ..kernels import using_backend
-from ..models.architectures import build_model, default_arch
+from ..models import build_model, default_arch
 from ..smoothing.noise import Stream, normal, sample_ids
 from ..certify.regions import RegionStore
 from .rundir import RUN_FORMAT, RunDir, budget_trigger_norm, check_compatible, load_sigma, package_version
@@ -87,7 +87,8 @@ def prepare(cfg: RunConfig, log: Callable[[str], None]) -> Prepared:
         target_label = task.classes.index(target)
     trigger = make_trigger(cfg.trigger, cfg.delta, tuple(task.image_shape),
                            seed=derive_seed(cfg.seed, "trigger") % (2 ** 31),
-                           pixel=tuple(cfg.trigger_pixel) if cfg.trigger_pixel else None)
+                           pixel=tuple(cfg.trigger_pixel) if cfg.trigger_pixel else None,
+                           options=cfg.trigger_options)
     poisoned = poison_training_set(task.x_train, task.y_train, trigger, rate=cfg.poison_rate,
                                    target=target_label, all_to_all=cfg.all_to_all,
                                    num_classes=task.num_classes, seed=derive_seed(cfg.seed, "poison"))

@@ -28,10 +28,10 @@ from typing import Optional
 
 import torch
 
-from ..attacks.triggers import ADDITIVE_TRIGGERS
+from ..attacks import ADDITIVE_TRIGGERS
 from ..core.files import load_tensors, read_json, sha256_file
 from ..errors import CertssbError, CheckpointError
-from ..models.architectures import build_model
+from ..models import build_model
 from ..smoothing.ensemble import MANIFEST_FORMAT, EnsembleDir, EnsembleSpec
 from ..smoothing.training import Schedule
 from .config import RunConfig

@@ -51,7 +51,7 @@ from ..certify.votes import Certificates, Votes, certify_votes, collect_votes
 from ..core.files import AtomicFile, atomic_write_json, read_json, save_tensors, sha256_file
 from ..errors import CertssbError, CheckpointError
 from ..kernels import using_backend
-from ..models.architectures import build_model, count_parameters
+from ..models import build_model, count_parameters
 from ..report.certificates import CSV_COLUMNS, certificate_lines
 from ..report.metrics import StreamTally
 from ..smoothing.ensemble import free_bytes

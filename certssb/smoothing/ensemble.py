@@ -14,7 +14,7 @@ recorded: a resumed or sharded run reuses the recorded G, so the partition
 and every model's arithmetic depend only on the run config.
 
 On disk (`<run>/models/<method>/`): one safetensors file per model (loads into
-`certssb.models.architectures.build_model`), `groups/group-NNNNN.json` per finished group
+`certssb.models.build_model`), `groups/group-NNNNN.json` per finished group
 (its models' files and sha256: the group's commit record, written atomically
 after the model files) and `manifest.json` (the run's header, the group size
 and the index of finished models). A rerun verifies every listed file against
@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ..runner.distributed import Dist, shard
 from ..errors import CheckpointError, CertssbError
 from ..core.files import atomic_write_json, load_tensors, read_json, safe_child, save_tensors
-from ..models.architectures import build_model
+from ..models import build_model
 from .noise import check_noise_inputs
 from ..core.seeding import derive_seed
 from .training import GroupNoise, Schedule, train_group
