@@ -42,9 +42,9 @@ from torch import Tensor
 
 from ..errors import CertssbError, CheckpointError
 from ..core.files import load_tensors, save_tensors, sha256_file
-from .region_search import BACKENDS, Candidates, StoreArrays, make_index
+from .region_search import INDEX_BACKENDS, Candidates, StoreArrays, make_index
 
-__all__ = ["UPDATE_KINDS", "RegionDecision", "RegionStore", "FORMAT_VERSION", "BACKENDS", "exact_distances"]
+__all__ = ["UPDATE_KINDS", "RegionDecision", "RegionStore", "FORMAT_VERSION", "INDEX_BACKENDS", "exact_distances"]
 
 UPDATE_KINDS = ("none", "trim", "align", "abstain")
 # 2: adds the `queries` tensor (query number of each stored ball). Version-1 files still load
