@@ -110,7 +110,7 @@ def test_opcheck():
     x = torch.rand(3, 7, requires_grad=True)
     sigma = (torch.rand(3) + 0.1).requires_grad_()
     args = (x, sigma, torch.arange(3), seed_to_int64((1 << 64) - 5), 1, 4, 2)
-    torch.library.opcheck(torch.ops.certssb.smoothing.noise.default, args)
+    torch.library.opcheck(torch.ops.certssb.noise.default, args)
     torch.library.opcheck(torch.ops.certssb.noise_sigma_grad.default,
                           (torch.rand(2, 3, 7), torch.arange(3), 3, 1, 4))
 
@@ -177,7 +177,7 @@ def test_cuda_backward_and_opcheck():
     ids = torch.arange(4, device="cuda")
     assert torch.autograd.gradcheck(lambda x, s: noise(x, s, ids, seed=1, stream=3, k0=0, models=2),
                                     (x, sigma))
-    torch.library.opcheck(torch.ops.certssb.smoothing.noise.default, (x, sigma, ids, 1, 3, 0, 2))
+    torch.library.opcheck(torch.ops.certssb.noise.default, (x, sigma, ids, 1, 3, 0, 2))
     g = torch.randn(2, 4, 33, dtype=torch.float64)
     cpu = torch.ops.certssb.noise_sigma_grad(g, ids.cpu(), 1, 3, 0)
     gpu = torch.ops.certssb.noise_sigma_grad(g.cuda(), ids, 1, 3, 0)
