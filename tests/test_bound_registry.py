@@ -48,13 +48,13 @@ def toy_bounds():
         unregister_bound(HARD_TOY)
 
 
-class Fixed(nn.Module):
-    def __init__(self, logits):
-        super().__init__()
-        self.register_buffer("logits", torch.tensor(logits, dtype=torch.float32))
-
-    def forward(self, x):
-        return self.logits.expand(x.shape[0], -1)
+def constant(logits: list[float], features: int) -> nn.Module:
+    """A model whose logits ignore the input: zero weights, the logits as bias."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(features, len(logits)))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor(logits))
+    return model
 
 
 def _forbid_kernel(monkeypatch):
@@ -140,7 +140,7 @@ def test_toy_bound_through_certify_models(toy_bounds, monkeypatch):
     x = torch.rand(4, 1, 3, 3)
     with using_backend("kernels"):
         assert use_native("radius_certify", "cpu")  # the backend would take the kernels...
-        cert = certify_models([Fixed([0.0, 50.0])] * m, x, sigma, num_classes=2, bound=LOOSE, alpha=alpha)
+        cert = certify_models([constant([0.0, 50.0], 9)] * m, x, sigma, num_classes=2, bound=LOOSE, alpha=alpha)
     pa = max(0.0, 1.0 - 2 * _width(m, alpha))  # ...but the toy bound has none: the reference ran
     assert (cert.predict == 1).all() and not cert.abstain.any()
     torch.testing.assert_close(cert.pa_lower, torch.full((4,), pa, dtype=torch.float64), rtol=0, atol=1e-9)
@@ -153,7 +153,7 @@ def test_unknown_bound_lists_the_registered_ones(toy_bounds):
     listed = f"choose one of hoeffding, clopper-pearson, {LOOSE}, {HARD_TOY}"
     v = _votes()
     for call in (lambda: certify_votes(v, torch.ones(3), bound="wilson"),
-                 lambda: certify_models([Fixed([0.0, 1.0])], torch.rand(2, 1, 2, 2), 0.5, num_classes=2,
+                 lambda: certify_models([constant([0.0, 1.0], 4)], torch.rand(2, 1, 2, 2), 0.5, num_classes=2,
                                         bound="wilson"),
                  lambda: pa_lower("wilson", top_score=torch.ones(1), m=5, alpha=0.1, num_classes=2),
                  lambda: get_bound("wilson")):
