@@ -14,6 +14,7 @@ from .attacks.registry import describe_options, trigger_names
 from .data import dataset_names
 from .runner.config import RunConfig, parse_radii
 from .errors import CertssbError
+from .certify.bounds import bound_names
 from .kernels import BACKENDS
 
 
@@ -110,7 +111,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_cert_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     g = p.add_argument_group("certification")
     d = (lambda v: v) if defaults else (lambda v: None)
-    g.add_argument("--bound", choices=("hoeffding", "clopper-pearson"), default=d("hoeffding"),
+    g.add_argument("--bound", choices=bound_names(), default=d("hoeffding"),
                    help="hoeffding on soft votes (RAB, the paper) or clopper-pearson on hard votes")
     g.add_argument("--alpha", type=float, default=d(0.001), help="failure probability of the bound")
     g.add_argument("--radii", type=_radii, default=None,
@@ -201,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=1000, help="inputs per chunk (checkpoint) (default 1000)")
     p.add_argument("--method", choices=("cert-ssb", "rab"), default=None,
                    help="default: cert-ssb when the run trained it, else rab")
-    p.add_argument("--bound", choices=("hoeffding", "clopper-pearson"), default=None, help="default: the run's")
+    p.add_argument("--bound", choices=bound_names(), default=None, help="default: the run's")
     p.add_argument("--alpha", type=float, default=None, help="default: the run's")
     p.add_argument("--storage-update", dest="storage_update", action="store_true", default=None,
                    help="run the storage-update certifier over the stream (default: on for cert-ssb as the run)")

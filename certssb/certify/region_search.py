@@ -57,11 +57,11 @@ from torch import Tensor
 
 from ..errors import CertssbError
 
-__all__ = ["BACKENDS", "StoreArrays", "CandidateIndex", "ReferenceIndex", "FaissIndex", "TorchDenseIndex",
+__all__ = ["INDEX_BACKENDS", "StoreArrays", "CandidateIndex", "ReferenceIndex", "FaissIndex", "TorchDenseIndex",
            "FaissGpuIndex", "make_index", "resolve_backend", "faiss_available", "faiss_gpu_available",
            "sq_dist_error_coeff"]
 
-BACKENDS = ("auto", "reference", "faiss", "torch-gpu", "faiss-gpu")
+INDEX_BACKENDS = ("auto", "reference", "faiss", "torch-gpu", "faiss-gpu")
 Candidates = tuple[np.ndarray, np.ndarray]  # (lims int64 [B+1], ids int64 [k])
 
 # Relative slack on (R_j + R_i)^2: covers the float64 rounding of the exact distance, of
@@ -541,8 +541,8 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     device, faiss on the CPU (torch-gpu's search on the CPU when faiss is not installed).
     Raises CertssbError for impossible requests."""
     dev = torch.device(device)
-    if backend not in BACKENDS:
-        raise CertssbError(f"unknown region-store backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend not in INDEX_BACKENDS:
+        raise CertssbError(f"unknown region-store backend {backend!r}; choose one of {', '.join(INDEX_BACKENDS)}")
     if dev.type not in ("cpu", "cuda"):
         raise CertssbError(f"region-store device must be cpu or cuda[:N], got {dev}")
     if dev.type == "cuda" and not torch.cuda.is_available():

@@ -43,9 +43,9 @@ from ..core.files import sha256_file
 from .region_decisions import (CHUNK_ELEMS, DECISION_KINDS, DecisionBlock, RegionDecision, all_earlier, empty_csr,
                                exact_distances, pair_distances, row_norms)
 from .region_file import FORMAT_VERSION, UPDATE_KINDS, read_store_file, write_store_file
-from .region_search import BACKENDS, Candidates, StoreArrays, make_index
+from .region_search import INDEX_BACKENDS, Candidates, StoreArrays, make_index
 
-__all__ = ["UPDATE_KINDS", "RegionDecision", "RegionStore", "FORMAT_VERSION", "BACKENDS", "exact_distances"]
+__all__ = ["UPDATE_KINDS", "RegionDecision", "RegionStore", "FORMAT_VERSION", "INDEX_BACKENDS", "exact_distances"]
 
 # check_invariant forgives overlaps this small relative to R_i + R_j (float64 rounding of
 # R = ||x - x_i|| - R_i and of differently ordered sums).

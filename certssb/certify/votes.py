@@ -1,11 +1,12 @@
-"""Certification (DESIGN.md 1.5 and 3): ensemble votes -> pA bound -> radius.
+"""Certification (docs/THEORY.md): ensemble votes -> pA bound -> radius.
 
 Model k predicts on x + sigma_x * eps_test(k): one fixed test noise per model
 (TEST stream, b = 0, shared by all inputs), scaled by the same sigma_x that the
 radius uses. Votes are streamed into [B, C] accumulators (soft sums of softmax
 probabilities and hard argmax counts), so no [M, B, C] tensor is ever built.
-The bound picks the aggregation: Hoeffding on the soft mean (RAB, the paper),
-Clopper-Pearson on the hard votes (Bonferroni over classes).
+The bound (certssb.certify.bounds) picks the aggregation: soft-vote bounds such as
+Hoeffding (RAB, the paper) rank and bound by the soft mean, hard-vote bounds such as
+Clopper-Pearson (Bonferroni over classes) by the hard counts.
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ import torch
 from torch import nn
 
 from ..smoothing import training
-from .bounds import BOUNDS, _check_alpha, certified_radius, conservative_radius, pa_lower, top2
+from .bounds import get_bound, pa_lower
+from .radius import HARD, _check_alpha, certified_radius, conservative_radius, top2
 from ..errors import CertssbError
-from ..kernels import use_kernels
+from ..kernels.dispatch import use_native
 from ..kernels.radius import certify_radius
 from ..kernels.vote import MAX_MODELS, UNITS_PER_ONE, reference_accumulate, vote_accumulate, vote_top2
 from ..smoothing.noise import Stream, check_noise_inputs, noisy_copies
@@ -88,7 +90,7 @@ class Votes:
                                f"{self.soft_units.shape[1]}], got {shape}")
         _check_capacity(self.models + logits.shape[0])
         logits = logits.detach().to(self.soft_units.device)
-        if use_kernels(backend, logits.device):
+        if use_native("vote_accumulate", logits.device, dtype=logits.dtype, backend=backend):
             vote_accumulate(logits, self.soft_units, self.hard_count)
         else:
             reference_accumulate(logits, self.soft_units, self.hard_count)
@@ -314,15 +316,16 @@ def certify_votes(votes: Votes, sigma: torch.Tensor, *, bound: str = "hoeffding"
                   backend: str | None = None) -> Certificates:
     """Certificates from accumulated votes.
 
-    bound "hoeffding": top class and pA_hat from the soft mean; "clopper-pearson":
-    top class and count from the hard votes. pB_upper = 1 - pA_lower,
+    bound: a registered bound (certssb.certify.bounds); "hoeffding": top class and pA_hat
+    from the soft mean; "clopper-pearson": top class and count from the hard votes; a bound
+    on the soft or hard statistic likewise. pB_upper = 1 - pA_lower,
     R = sigma/2 (PhiInv(pA_lower) - PhiInv(pB_upper)); abstain when pA_lower <= 1/2.
     mode "paper" also gives the conservative radius rho * min(sigma_x, sigma_train_min).
     backend: "kernels" (vote_top2 + radius_certify ops), "reference" (PyTorch + SciPy), or
-    None for the current default; both give the same certificates (radii to ~1e-12).
+    None for the current default; both give the same certificates (radii to ~1e-12). A bound
+    without a native kernel id runs on the reference path under either backend.
     """
-    if bound not in BOUNDS:
-        raise CertssbError(f"unknown bound {bound!r}; choose one of {', '.join(BOUNDS)}")
+    spec = get_bound(bound)
     if mode not in MODES:
         raise CertssbError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if not isinstance(votes, Votes):
@@ -343,15 +346,15 @@ def certify_votes(votes: Votes, sigma: torch.Tensor, *, bound: str = "hoeffding"
         raise CertssbError(f"sigma_train_min must be finite and > 0, got {sigma_train_min!r}")
     m = votes.models
     c = votes.soft_units.shape[1]
-    by_count = bound == "clopper-pearson"
+    by_count = spec.statistic == HARD
     sigma64 = sigma.double().cpu()
-    if use_kernels(backend, votes.soft_units.device):
+    if use_native("radius_certify", votes.soft_units.device, backend=backend) and spec.kernel is not None:
         cls, units, counts = vote_top2(votes.soft_units, votes.hard_count, by_count=by_count)
         top_cls = cls[:, 0].cpu()
         top_score = (units[:, 0].double() / (float(UNITS_PER_ONE) * m)).cpu()
         top_count = counts[:, 0].cpu()
         pa, pb, radius, abstain = certify_radius(top_score, top_count, sigma64, models=m, alpha=alpha,
-                                                 num_classes=c, bound=bound)
+                                                 num_classes=c, bound=spec.kernel)
     else:
         soft_units, hard_count = votes.soft_units.cpu(), votes.hard_count.cpu()
         # Ranking by the integer units equals ranking by the soft mean, ties included.
@@ -404,8 +407,7 @@ def certify_models(models: Iterable[nn.Module], x: torch.Tensor, sigma: torch.Te
     if sig.dim() == 0:
         sig = sig.expand(x.shape[0]).clone()
     _check_alpha(alpha)
-    if bound not in BOUNDS:
-        raise CertssbError(f"unknown bound {bound!r}; choose one of {', '.join(BOUNDS)}")
+    get_bound(bound)
     if mode not in MODES:
         raise CertssbError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if isinstance(models, nn.Module):

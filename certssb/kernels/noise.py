@@ -15,9 +15,7 @@ from torch import Tensor
 
 from .. import _ops  # noqa: F401  (loads certssb._C: the op schemas)
 from ..errors import CertssbError
-from . import seed_to_int64
-
-_U32 = 0xFFFFFFFF
+from .noise_common import MASK32 as _U32, check_noise_inputs, seed_to_int64
 
 
 @torch.library.register_fake("certssb::noise")
@@ -95,7 +93,6 @@ def noise(x: Tensor, sigma: Tensor, ids: Tensor, *, seed: int, stream: int, k0: 
     if stream > _U32 or k0 + max(models, 1) - 1 > _U32:
         raise CertssbError("stream and the model indices k0 .. k0 + models - 1 must lie in [0, 2^32)")
     if check:
-        from ..smoothing.noise import check_noise_inputs  # late: certssb.noise imports this module lazily too
         check_noise_inputs(x, sigma)
     return torch.ops.certssb.noise(x, sigma, ids, seed_to_int64(seed), int(stream), int(k0),
                                    int(models))

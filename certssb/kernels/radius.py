@@ -11,8 +11,10 @@ validate at the boundary before calling ``torch.ops.certssb.*``:
   search, differentiable with respect to mean_probs and sigma.
 
 Their pure-PyTorch references are `certssb.certify.bounds.pa_lower` +
-`certssb.certify.bounds.certified_radius` and `certssb.certify.bounds.radius_proxy`; both paths
-agree to 1e-12 (relative) in float64 and to rounding in float32.
+`certssb.certify.radius.certified_radius` and `certssb.certify.radius.radius_proxy`; both paths
+agree to 1e-12 (relative) in float64 and to rounding in float32. The bounds the native op
+implements are `NATIVE_BOUNDS`; a `certssb.certify.bounds.BoundSpec` names one of them as
+its kernel id.
 """
 from __future__ import annotations
 
@@ -23,10 +25,14 @@ import torch
 from torch import Tensor
 
 from .. import _ops  # noqa: F401  (loads certssb._C, which defines the op schemas)
-from ..certify.bounds import _SCORE_TOL, BOUNDS, SIGMA_MAX, _check_alpha, _check_m
+from ..certify.radius import (_SCORE_TOL, HARD, SIGMA_MAX, SOFT, STATISTIC_ARGS, _check_alpha, _check_m,
+                              _check_num_classes)
 from ..errors import CertssbError
 
-__all__ = ["certify_radius", "radius_proxy"]
+__all__ = ["NATIVE_BOUNDS", "certify_radius", "radius_proxy"]
+
+# The bound argument the radius_certify op understands, and the vote statistic each one reads.
+NATIVE_BOUNDS = {"hoeffding": SOFT, "clopper-pearson": HARD}
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -102,12 +108,6 @@ def _check_vector(x: object, name: str, what: str) -> Tensor:
     return x
 
 
-def _check_num_classes(num_classes: object) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or int(num_classes) < 2:
-        raise CertssbError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-    return int(num_classes)
-
-
 def _sigma_vector(sigma: Tensor | float, n: int, device: torch.device, name: str = "sigma") -> Tensor:
     """sigma as a [n] tensor on `device`: a number or a 0-d / 1-element tensor is broadcast."""
     if not isinstance(sigma, Tensor):
@@ -155,7 +155,7 @@ def certify_radius(top_score: Tensor | None, top_count: Tensor | None, sigma: Te
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Certificates of a batch: pA_lower, pB_upper, radius and abstain, natively.
 
-    Math (DESIGN.md 1.5, 3; reference: `bounds.pa_lower` then `bounds.certified_radius`):
+    Math (docs/THEORY.md; reference: `bounds.pa_lower` then `radius.certified_radius`):
 
     - bound "hoeffding": pA_lower = clamp(top_score - sqrt(ln(1/alpha) / (2 models)), 0, 1),
       a (1 - alpha) lower bound on the mean soft score of the top class;
@@ -176,7 +176,7 @@ def certify_radius(top_score: Tensor | None, top_count: Tensor | None, sigma: Te
         models: number of models (votes) M >= 1.
         alpha: failure probability in (0, 1).
         num_classes: number of classes C >= 2.
-        bound: "hoeffding" or "clopper-pearson".
+        bound: a key of NATIVE_BOUNDS: "hoeffding" or "clopper-pearson".
     Returns:
         (pa_lower, pb_upper, radius, abstain): float64, float64, float64 and bool tensors
         of shape [B] on the inputs' device. Agrees with the reference to 1e-12 relative.
@@ -190,19 +190,18 @@ def certify_radius(top_score: Tensor | None, top_count: Tensor | None, sigma: Te
         >>> abstain.tolist()
         [False, True]
     """
-    if bound not in BOUNDS:
-        raise CertssbError(f"unknown bound {bound!r}; choose one of {', '.join(BOUNDS)}")
+    if bound not in NATIVE_BOUNDS:
+        raise CertssbError(f"unknown bound {bound!r}; choose one of {', '.join(NATIVE_BOUNDS)} (the bounds "
+                           "with a native kernel; certssb.certify.bounds.pa_lower runs any registered bound)")
     models = _check_m(models)
     alpha = _check_alpha(alpha)
     num_classes = _check_num_classes(num_classes)
-    hoeffding = bound == "hoeffding"
-    if hoeffding and top_score is None:
-        raise CertssbError("bound 'hoeffding' needs top_score (the mean softmax of the top class)")
-    if not hoeffding and top_count is None:
-        raise CertssbError("bound 'clopper-pearson' needs top_count (the vote count of the top class)")
-    main = _check_vector(top_score if hoeffding else top_count,
-                         "top_score" if hoeffding else "top_count",
-                         "mean softmax of the top class" if hoeffding else "votes of the top class")
+    soft = NATIVE_BOUNDS[bound] == SOFT  # else the hard count
+    if (top_score if soft else top_count) is None:
+        raise CertssbError(f"bound {bound!r} needs {STATISTIC_ARGS[NATIVE_BOUNDS[bound]]}")
+    main = _check_vector(top_score if soft else top_count,
+                         "top_score" if soft else "top_count",
+                         "mean softmax of the top class" if soft else "votes of the top class")
     n, device = main.shape[0], main.device
     if top_score is not None:
         top_score = _check_vector(top_score, "top_score", "mean softmax of the top class")
@@ -227,7 +226,7 @@ def certify_radius(top_score: Tensor | None, top_count: Tensor | None, sigma: Te
     sigma = _sigma_vector(sigma, n, device)
     if n:
         # Values, from the extremes of each input: one reduction per input, one host sync.
-        if hoeffding:
+        if soft:
             main = top_score
             extra: list[Tensor] = []
         else:
@@ -236,7 +235,7 @@ def certify_radius(top_score: Tensor | None, top_count: Tensor | None, sigma: Te
             extra = [(main - main.round()).abs().amax()] if main.is_floating_point() else []
         values = _extremes([main, sigma], extra)
         lo_v, hi_v, s_lo, s_hi = values[:4]
-        if hoeffding:
+        if soft:
             main_ok = lo_v >= -_SCORE_TOL and hi_v <= 1 + _SCORE_TOL  # False on NaN
             main_msg = ("top_score must be a mean of scores in [0, 1] (no NaN); pass the mean softmax "
                         "probability of the top class, not a logit or a count")
@@ -259,7 +258,7 @@ def radius_proxy(mean_probs: Tensor, sigma: Tensor | float,
     to `mean_probs` and `sigma` (registered autograd, backward by the native
     radius_proxy_backward op): dr/dpA = sigma / 2 / phi(PhiInv(pA)) inside [lo, hi] (edges
     included), 0 outside; dr/dpB likewise with a minus sign; dr/dsigma = (PhiInv(pA) -
-    PhiInv(pB)) / 2. Reference: `certssb.certify.bounds.radius_proxy`.
+    PhiInv(pB)) / 2. Reference: `certssb.certify.radius.radius_proxy`.
 
     Args:
         mean_probs: [B, C] (C >= 2) mean softmax probabilities, float16/bfloat16/float32/

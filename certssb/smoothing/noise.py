@@ -32,23 +32,21 @@ asked for.
 from __future__ import annotations
 
 import math
-import numbers
 from enum import IntEnum
 from typing import Sequence
 
 import torch
 
 from ..errors import CertssbError
-
-_MASK32 = 0xFFFFFFFF
-_M0 = 0xD2511F53
-_M1 = 0xCD9E8D57
-_W0 = 0x9E3779B9
-_W1 = 0xBB67AE85
+from ..kernels.dispatch import use_native
+from ..kernels.noise import noise
+from ..kernels.noise_common import MASK32 as _MASK32, PHILOX_M0 as _M0, PHILOX_M1 as _M1
+from ..kernels.noise_common import PHILOX_W0 as _W0, PHILOX_W1 as _W1
+from ..kernels.noise_common import check_noise_inputs, check_seed as _check_seed
 
 
 class Stream(IntEnum):
-    """The noise streams of DESIGN.md section 2."""
+    """The noise streams (docs/THEORY.md): which random draws a (stream, a, b) triple names."""
 
     BASE = 0
     TRAIN = 1
@@ -68,12 +66,6 @@ def sample_ids(split: str, n: int) -> torch.Tensor:
     if n >= (1 << 30):
         raise CertssbError(f"{n} samples do not fit in the 2^30 ids of a split")
     return torch.arange(n, dtype=torch.int64) + SPLIT_OFFSETS[split]
-
-
-def _check_seed(seed: int) -> int:
-    if not isinstance(seed, int) or seed < 0 or seed >= (1 << 64):
-        raise CertssbError(f"seed must be an integer in [0, 2^64), got {seed!r}")
-    return seed
 
 
 def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,37 +136,6 @@ def normal(seed: int, stream: int, a: torch.Tensor | int, b: torch.Tensor | int,
     return z.to(dtype).reshape(shape + (numel,))
 
 
-def check_noise_inputs(x: torch.Tensor, sigma: torch.Tensor | float) -> None:
-    """Boundary checks of a noise draw: x a floating tensor [B, ...] without NaN/Inf; sigma a
-    number or a [B] tensor, finite and > 0 everywhere. Raises CertssbError. One host
-    synchronisation on a GPU (the extremes travel together)."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
-        what = f"a {x.dtype} tensor of shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise CertssbError(f"x must be a floating tensor of shape [B, ...], got {what}")
-    b = x.shape[0]
-    if isinstance(sigma, torch.Tensor):
-        if not (sigma.dim() == 0 or tuple(sigma.shape) == (b,)):
-            raise CertssbError(f"sigma must be a number or have shape [{b}], got {list(sigma.shape)}")
-        if not sigma.is_floating_point():
-            raise CertssbError(f"sigma must be a floating tensor of noise levels, got {sigma.dtype}")
-        s = sigma.detach()
-    elif isinstance(sigma, numbers.Real) and not isinstance(sigma, bool):
-        s = torch.tensor(float(sigma), dtype=torch.float64)
-    else:
-        raise CertssbError(f"sigma must be a number or a [B] tensor, got {type(sigma).__name__}")
-    parts = []
-    if s.numel():
-        parts += [v.to(torch.float64).cpu() for v in torch.aminmax(s)]
-    if x.numel():
-        parts.append(torch.isfinite(x.detach()).all().to(torch.float64).cpu())
-    vals = torch.stack(parts).tolist() if parts else []
-    if s.numel() and not (vals[0] > 0 and vals[1] < math.inf):  # False for NaN too
-        raise CertssbError(f"sigma must be finite and > 0 everywhere (noise levels in [0, 1] pixel units), "
-                           f"got values in [{vals[0]}, {vals[1]}]; check the sigma file / settings")
-    if x.numel() and vals[-1] != 1.0:
-        raise CertssbError("x contains NaN or Inf values; check the input images (floats in [0, 1])")
-
-
 def noisy_copies(x: torch.Tensor, sigma: torch.Tensor | float, *, seed: int, stream: int,
                  models: Sequence[int] | torch.Tensor, ids: torch.Tensor | None,
                  backend: str | None = None, check: bool = True) -> torch.Tensor:
@@ -196,11 +157,9 @@ def noisy_copies(x: torch.Tensor, sigma: torch.Tensor | float, *, seed: int, str
         out = noisy_copies(torch.rand(8, 1, 8, 8), 0.25, seed=0, stream=int(Stream.TEST),
                            models=[0, 1, 2], ids=None)   # [3, 8, 1, 8, 8]
     """
-    from ..kernels import use_kernels  # late: kernels imports this package's _ops
-
     if check:
         check_noise_inputs(x, sigma)
-    if use_kernels(backend, x.device) and x.dim() >= 1 and x.is_floating_point():
+    if use_native("noise", x.device, dtype=x.dtype, backend=backend) and x.dim() >= 1:
         return _noisy_copies_kernel(x, sigma, seed=seed, stream=stream, models=models, ids=ids)
     B = x.shape[0]
     d = x[0].numel() if B else int(math.prod(x.shape[1:]))
@@ -222,8 +181,6 @@ def noisy_copies(x: torch.Tensor, sigma: torch.Tensor | float, *, seed: int, str
 def _noisy_copies_kernel(x: torch.Tensor, sigma: torch.Tensor | float, *, seed: int, stream: int,
                          models: Sequence[int] | torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
     """`noisy_copies` through the fused kernel: one op call per run of consecutive models."""
-    from ..kernels.noise import noise
-
     B = x.shape[0]
     models_l = [int(k) for k in torch.as_tensor(models, dtype=torch.int64).reshape(-1).tolist()]
     if ids is None:

@@ -1,4 +1,4 @@
-"""Per-sample noise levels (DESIGN.md 1.3): gradient ascent on the radius proxy.
+"""Per-sample noise levels (docs/THEORY.md): gradient ascent on the radius proxy.
 
 For every sample x, sigma_x = argmax over sigma of
     r(x, sigma) = sigma / 2 * (PhiInv(pA) - PhiInv(pB)),
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..certify.bounds import radius_proxy
+from ..certify.radius import radius_proxy
 from ..errors import CertssbError
-from ..kernels import use_kernels
+from ..kernels.dispatch import use_native
 from ..kernels.radius import radius_proxy as kernel_radius_proxy
 from .noise import Stream, noisy_copies
 from .training import memory_format
@@ -112,7 +112,7 @@ def optimize_sigma(model: nn.Module, x: torch.Tensor, ids: torch.Tensor, search:
 
 def _radius_proxy(mean_probs: torch.Tensor, sigma: torch.Tensor, clamp: tuple[float, float]) -> torch.Tensor:
     """The radius proxy through the native op (with its own backward) or the PyTorch reference."""
-    if use_kernels(None, mean_probs.device):
+    if use_native("radius_proxy", mean_probs.device, dtype=mean_probs.dtype):
         return kernel_radius_proxy(mean_probs, sigma, clamp=clamp)
     return radius_proxy(mean_probs, sigma, clamp=clamp)
 

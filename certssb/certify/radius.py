@@ -1,14 +1,14 @@
-"""Statistics of a certificate: confidence bounds on pA, the certified radius, the poison budget.
+"""Certificate arithmetic shared by every bound: PhiInv, the certified radius, the poison budget.
 
-This file's one job is the arithmetic that turns an ensemble's aggregated
-predictions into a certificate (DESIGN.md 1.5 and 3), in pure PyTorch (the
-Clopper-Pearson quantile goes through SciPy in float64). Everything a
-certificate reports is float64; the differentiable `radius_proxy` keeps the
-dtype of its inputs so that the sigma optimization can run in float32.
+A bound (certssb.certify.bounds) turns a vote statistic into pA_lower, a
+(1 - alpha) lower confidence bound on pA, the probability of the top class
+under the smoothing noise; everything after that is the same for every bound
+and lives here (docs/THEORY.md), in pure PyTorch, together with the argument
+checks the bounds share. Everything a certificate reports is float64; the
+differentiable `radius_proxy` keeps the dtype of its inputs so that the sigma
+optimization can run in float32.
 
-Notation: M models vote; pA is the probability of the top class under the
-smoothing noise, pA_lower a (1 - alpha) lower confidence bound on it,
-pB_upper = 1 - pA_lower, PhiInv the standard normal quantile. The radius is
+Notation: pB_upper = 1 - pA_lower, PhiInv the standard normal quantile. The radius is
 R = sigma / 2 * (PhiInv(pA_lower) - PhiInv(pB_upper)) (= sigma * PhiInv(pA_lower)),
 and the certificate abstains when pA_lower <= 1/2.
 """
@@ -17,21 +17,18 @@ from __future__ import annotations
 import math
 import numbers
 
-import numpy as np
-import scipy.special
 import torch
 from torch import Tensor
 
 from ..errors import CertssbError
 
 __all__ = [
-    "BOUNDS",
+    "SOFT",
+    "HARD",
+    "STATISTICS",
     "PA_MAX",
     "SIGMA_MAX",
     "phi_inv",
-    "hoeffding_lower",
-    "clopper_pearson_lower",
-    "pa_lower",
     "certified_radius",
     "conservative_radius",
     "poison_budget",
@@ -39,7 +36,14 @@ __all__ = [
     "top2",
 ]
 
-BOUNDS = ("hoeffding", "clopper-pearson")
+# The vote statistics a bound can read (certssb.certify.bounds.BoundSpec.statistic): the mean soft
+# vote of the top class (classes ranked by soft votes), or its hard vote count (ranked by counts).
+SOFT = "soft"
+HARD = "hard"
+STATISTICS = (SOFT, HARD)
+# the argument of pa_lower / certify_radius that carries each statistic, for error messages
+STATISTIC_ARGS = {SOFT: "top_score (the mean softmax of the top class)",
+                  HARD: "top_count (the vote count of the top class)"}
 
 # pA_lower is clamped to at most this before PhiInv so that pA_lower == 1 (all M models agree,
 # Clopper-Pearson cannot return 1 but a caller might) gives a finite radius:
@@ -97,40 +101,6 @@ def _check_pa_lower(pa: Tensor) -> Tensor:
     return pa
 
 
-# ----------------------------------------------------------------------------- quantile
-def phi_inv(p: Tensor) -> Tensor:
-    """Standard normal quantile PhiInv(p) = sqrt(2) * erfinv(2p - 1), elementwise.
-
-    Thin wrapper of `torch.special.ndtri`: differentiable (dPhiInv/dp = 1 / phi(PhiInv(p))),
-    any float dtype and device, same shape. PhiInv(0) = -inf, PhiInv(1) = +inf: callers clamp.
-    """
-    return torch.special.ndtri(p)
-
-
-# ----------------------------------------------------------------------------- lower bounds
-def hoeffding_lower(p_hat: Tensor, m: int, alpha: float) -> Tensor:
-    """One-sided Hoeffding lower confidence bound on the mean of m iid variables in [0, 1].
-
-    With probability at least 1 - alpha over the draws, the true mean p satisfies
-    p >= p_hat - sqrt(ln(1/alpha) / (2 m)). The result is clamped to [0, 1].
-
-    Args:
-        p_hat: empirical means, any shape, values in [0, 1] (1e-6 rounding tolerated).
-        m: number of averaged variables (models), >= 1.
-        alpha: failure probability in (0, 1).
-    Returns:
-        float64 tensor of p_hat's shape and device.
-    """
-    m = _check_m(m)
-    alpha = _check_alpha(alpha)
-    p_hat = _as_tensor(p_hat, "p_hat").to(torch.float64)
-    if p_hat.numel() and not bool(((p_hat >= -_SCORE_TOL) & (p_hat <= 1 + _SCORE_TOL)).all()):
-        raise CertssbError("p_hat must be a mean of scores in [0, 1] (no NaN); pass the mean "
-                           "softmax probability of the top class, not a logit or a count")
-    width = math.sqrt(math.log(1.0 / alpha) / (2.0 * m))
-    return (p_hat - width).clamp(0.0, 1.0)
-
-
 def _check_counts(k: Tensor, m: int, name: str) -> Tensor:
     k = _as_tensor(k, name)
     if k.is_complex() or k.dtype == torch.bool:
@@ -143,82 +113,29 @@ def _check_counts(k: Tensor, m: int, name: str) -> Tensor:
     return k
 
 
-def clopper_pearson_lower(k: Tensor, m: int, alpha: float) -> Tensor:
-    """Exact one-sided (Clopper-Pearson) binomial lower confidence bound.
-
-    For k successes out of m Bernoulli(p) trials, the lower bound is the alpha quantile of
-    Beta(k, m - k + 1), and 0 when k == 0; P(bound > p) <= alpha for every p. For k == m it
-    equals alpha ** (1 / m). Computed in float64 with `scipy.special.betaincinv` on the CPU.
-
-    Args:
-        k: integer-valued counts in [0, m] (any int or float dtype), any shape.
-        m: number of trials, >= 1.
-        alpha: failure probability in (0, 1).
-    Returns:
-        float64 tensor of k's shape, on k's device.
-    """
-    m = _check_m(m)
-    alpha = _check_alpha(alpha)
-    return _clopper_pearson_level(_check_counts(k, m, "k"), m, alpha)
+def _check_scores(p: Tensor, name: str) -> Tensor:
+    """Soft vote statistics: means of scores in [0, 1] (float32 rounding tolerated), as float64."""
+    p = _as_tensor(p, name).to(torch.float64)
+    if p.numel() and not bool(((p >= -_SCORE_TOL) & (p <= 1 + _SCORE_TOL)).all()):
+        raise CertssbError(f"{name} must be a mean of scores in [0, 1] (no NaN); pass the mean "
+                           "softmax probability of the top class, not a logit or a count")
+    return p
 
 
-def _clopper_pearson_level(k: Tensor, m: int, level: float) -> Tensor:
-    """`clopper_pearson_lower` at a checked level in [0, 1) (0: alpha / C underflowed; bound 0)."""
-    kn = k.detach().to(device="cpu", dtype=torch.float64).numpy()
-    out = np.zeros_like(kn)
-    pos = kn > 0
-    if pos.any() and level > 0:
-        # I_x(a, b) = level solved for x: the level quantile of Beta(a, b).
-        a, b = kn[pos], m - kn[pos] + 1.0
-        q = scipy.special.betaincinv(a, b, level)
-        bad = ~((q >= 0) & (q <= 1))  # SciPy gives NaN for tiny levels (Beta(3, 3) at 1e-108)
-        if bad.any():
-            q[bad] = _beta_quantile_bisect(a[bad], b[bad], level)
-        out[pos] = q
-    return torch.from_numpy(out).to(k.device)
-
-
-def _beta_quantile_bisect(a: np.ndarray, b: np.ndarray, level: float) -> np.ndarray:
-    """The level quantile of Beta(a, b) by bisection on ln x with SciPy's betainc (accurate down
-    to subnormal results), for the levels where betaincinv fails. Returns the lower end of the
-    final bracket (never above the quantile, so the bound stays valid); ~1e-20 relative."""
-    lo = np.full(a.shape, math.log(5e-324))
-    hi = np.zeros(a.shape)
-    for _ in range(90):  # a bracket of width 745 in ln x, halved to ~6e-25
-        mid = 0.5 * (lo + hi)
-        below = scipy.special.betainc(a, b, np.exp(mid)) < level
-        lo = np.where(below, mid, lo)
-        hi = np.where(below, hi, mid)
-    return np.exp(lo)
-
-
-def pa_lower(bound: str, *, top_score: Tensor | None = None, top_count: Tensor | None = None,
-             m: int, alpha: float, num_classes: int) -> Tensor:
-    """Lower confidence bound on pA, the probability of the (selected) top class.
-
-    - "hoeffding": Hoeffding on the soft mean `top_score` (mean softmax probability of the
-      top class over the m models), level alpha (RAB, the paper).
-    - "clopper-pearson": exact binomial bound on the hard vote count `top_count` of the top
-      class, at level alpha / num_classes: Bonferroni over the classes, because the top class
-      is chosen by argmax of the same votes.
-
-    Returns a float64 tensor of the input's shape and device.
-    """
-    if bound not in BOUNDS:
-        raise CertssbError(f"unknown bound {bound!r}; choose one of {', '.join(BOUNDS)}")
+def _check_num_classes(num_classes: object) -> int:
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
         raise CertssbError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-    alpha = _check_alpha(alpha)
-    if bound == "hoeffding":
-        if top_score is None:
-            raise CertssbError("bound 'hoeffding' needs top_score (the mean softmax of the top class)")
-        return hoeffding_lower(top_score, m, alpha)
-    if top_count is None:
-        raise CertssbError("bound 'clopper-pearson' needs top_count (the vote count of the top class)")
-    m = _check_m(m)
-    # alpha / C may underflow to 0 for a subnormal alpha: the quantile at level 0 is 0, as the kernel
-    # gives (clopper_pearson_lower itself would refuse alpha = 0 with a confusing message).
-    return _clopper_pearson_level(_check_counts(top_count, m, "top_count"), m, alpha / int(num_classes))
+    return int(num_classes)
+
+
+# ----------------------------------------------------------------------------- quantile
+def phi_inv(p: Tensor) -> Tensor:
+    """Standard normal quantile PhiInv(p) = sqrt(2) * erfinv(2p - 1), elementwise.
+
+    Thin wrapper of `torch.special.ndtri`: differentiable (dPhiInv/dp = 1 / phi(PhiInv(p))),
+    any float dtype and device, same shape. PhiInv(0) = -inf, PhiInv(1) = +inf: callers clamp.
+    """
+    return torch.special.ndtri(p)
 
 
 # ----------------------------------------------------------------------------- radii
@@ -251,7 +168,7 @@ def certified_radius(pa_lower: Tensor, sigma: Tensor | float) -> tuple[Tensor, T
 
 
 def conservative_radius(pa_lower: Tensor, sigma_x: Tensor | float, sigma_train_min: float) -> Tensor:
-    """Isotropic radius implied by the anisotropic joint Gaussian (DESIGN.md 3).
+    """Isotropic radius implied by the anisotropic joint Gaussian (docs/THEORY.md).
 
     rho = (PhiInv(pa_lower) - PhiInv(1 - pa_lower)) / 2 certifies every joint perturbation with
     sum_i ||d_i||^2 / sigma_i^2 + ||d||^2 / sigma_x^2 < rho^2, hence every one of L2 norm
