@@ -70,5 +70,20 @@ CERTSSB_VOTE_HD void top2_row(const int64_t* key, int64_t C, int64_t* first, int
   *second = b;
 }
 
+// Row b of vote_top2: the top-2 classes of row b of (by_count ? hard : soft),
+// both [B, C] contiguous, and the soft units and hard counts at them; each
+// output is [B, 2].
+CERTSSB_VOTE_HD void top2_store(const int64_t* soft, const int64_t* hard, bool by_count, int64_t b,
+                                int64_t C, int64_t* cls, int64_t* units, int64_t* counts) {
+  int64_t first, second;
+  top2_row((by_count ? hard : soft) + b * C, C, &first, &second);
+  cls[2 * b] = first;
+  cls[2 * b + 1] = second;
+  units[2 * b] = soft[b * C + first];
+  units[2 * b + 1] = soft[b * C + second];
+  counts[2 * b] = hard[b * C + first];
+  counts[2 * b + 1] = hard[b * C + second];
+}
+
 }  // namespace vote
 }  // namespace certssb

@@ -156,6 +156,28 @@ def test_native_checks_catch_raw_op_misuse():
         torch.ops.certssb.noise(torch.rand(3, 2), torch.ones(3), torch.tensor([0, 1, -5]), 0, 1, 0, 1)
 
 
+@pytest.mark.parametrize("bad", [-5, 1 << 32])
+def test_native_cpu_ops_reject_out_of_range_ids(bad):
+    # The raw ops, past the Python wrapper: both noise ops check id values natively
+    # (csrc/checks.h, shared by the CPU kernels and the CUDA glue).
+    ids = torch.tensor([0, bad, 2])
+    with pytest.raises(RuntimeError, match=r"noise: ids must lie in \[0, 2\^32\), got .* at position 1"):
+        torch.ops.certssb.noise(torch.rand(3, 2), torch.ones(3), ids, 0, 1, 0, 1)
+    with pytest.raises(RuntimeError, match=r"noise_sigma_grad: ids must lie in \[0, 2\^32\)"):
+        torch.ops.certssb.noise_sigma_grad(torch.rand(1, 3, 2), ids, 0, 1, 0)
+
+
+@pytest.mark.needs_cuda
+def test_native_cuda_ops_reject_out_of_range_ids():
+    # The CUDA glue uses the same check as the CPU kernel (it copies ids to the host).
+    # Needs a GPU, so it is skipped on CPU-only machines.
+    ids = torch.tensor([0, 1 << 32, 2], device="cuda")
+    with pytest.raises(RuntimeError, match="ids must lie in"):
+        torch.ops.certssb.noise(torch.rand(3, 2, device="cuda"), torch.ones(3, device="cuda"), ids, 0, 1, 0, 1)
+    with pytest.raises(RuntimeError, match="ids must lie in"):
+        torch.ops.certssb.noise_sigma_grad(torch.rand(1, 3, 2, device="cuda"), ids, 0, 1, 0)
+
+
 @pytest.mark.needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_cuda_matches_cpu(dtype):

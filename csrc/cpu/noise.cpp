@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "checks.h"
 #include "philox.h"
 
 namespace certssb {
@@ -133,53 +134,13 @@ void noise_sigma_grad_kernel(const scalar_t* grad, const int64_t* ids, acc_t<sca
   });
 }
 
-// ---- argument checks shared by both ops -------------------------------------
-void check_ids(const at::Tensor& ids, int64_t B, const char* op) {
-  TORCH_CHECK(ids.scalar_type() == at::kLong, op, ": ids must be int64, got ", ids.scalar_type(),
-              "; pass torch.int64 sample indices");
-  TORCH_CHECK(ids.dim() == 1 && ids.size(0) == B, op, ": ids must have shape [", B,
-              "] (one index per input), got ", ids.sizes());
-}
-
-void check_words(int64_t stream, int64_t k0, int64_t models, const char* op) {
-  TORCH_CHECK(stream >= 0 && stream <= 0xffffffffLL, op, ": stream must lie in [0, 2^32), got ",
-              stream);
-  TORCH_CHECK(models >= 0, op, ": models must be >= 0, got ", models);
-  TORCH_CHECK(k0 >= 0 && k0 + std::max<int64_t>(models, 1) - 1 <= 0xffffffffLL, op,
-              ": model indices k0 .. k0 + models - 1 must lie in [0, 2^32), got k0 = ", k0,
-              " and models = ", models);
-}
-
-void check_id_values(const at::Tensor& ids, const char* op) {
-  const int64_t* p = ids.data_ptr<int64_t>();
-  for (int64_t i = 0; i < ids.numel(); ++i) {
-    TORCH_CHECK(p[i] >= 0 && p[i] <= 0xffffffffLL, op, ": ids must lie in [0, 2^32), got ", p[i],
-                " at position ", i);
-  }
-}
-
 at::Tensor noise_cpu(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor& ids,
                      int64_t seed, int64_t stream, int64_t k0, int64_t models) {
-  TORCH_CHECK(x.device().is_cpu() && sigma.device().is_cpu() && ids.device().is_cpu(),
-              "noise: x, sigma and ids must all be on the CPU for the CPU kernel, got ", x.device(),
-              ", ", sigma.device(), ", ", ids.device());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "noise: x must be a floating tensor, got ",
-              x.scalar_type());
-  TORCH_CHECK(x.dim() >= 1, "noise: x must have a batch dimension [B, ...], got a scalar");
-  TORCH_CHECK(at::isFloatingType(sigma.scalar_type()), "noise: sigma must be floating, got ",
-              sigma.scalar_type());
-  const int64_t B = x.size(0);
-  TORCH_CHECK(sigma.dim() == 1 && sigma.size(0) == B, "noise: sigma must have shape [", B,
-              "] (one noise level per input), got ", sigma.sizes());
-  check_ids(ids, B, "noise");
-  check_words(stream, k0, models, "noise");
-  std::vector<int64_t> shape{models};
-  shape.insert(shape.end(), x.sizes().begin(), x.sizes().end());
-  at::Tensor out = at::empty(shape, x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = checks::noise_args(x, sigma, ids, stream, k0, models);
   if (out.numel() == 0) return out;
   const at::Tensor ids_c = ids.contiguous();
-  check_id_values(ids_c, "noise");
   const at::Tensor x_c = x.contiguous();
+  const int64_t B = x.size(0);
   const int64_t D = x_c.numel() / B;
   const Key key = philox::split_seed(static_cast<uint64_t>(seed));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "noise_cpu", [&] {
@@ -194,40 +155,23 @@ at::Tensor noise_cpu(const at::Tensor& x, const at::Tensor& sigma, const at::Ten
 
 at::Tensor noise_sigma_grad_cpu(const at::Tensor& grad, const at::Tensor& ids, int64_t seed,
                                 int64_t stream, int64_t k0) {
-  TORCH_CHECK(grad.device().is_cpu() && ids.device().is_cpu(),
-              "noise_sigma_grad: grad_out and ids must be on the CPU, got ", grad.device(), ", ",
-              ids.device());
-  TORCH_CHECK(at::isFloatingType(grad.scalar_type()),
-              "noise_sigma_grad: grad_out must be floating, got ", grad.scalar_type());
-  TORCH_CHECK(grad.dim() >= 2, "noise_sigma_grad: grad_out must have shape [K, B, ...], got ",
-              grad.sizes());
-  const int64_t K = grad.size(0);
-  const int64_t B = grad.size(1);
-  check_ids(ids, B, "noise_sigma_grad");
-  check_words(stream, k0, K, "noise_sigma_grad");
-  const auto acc_type = at::toOpMathType(grad.scalar_type());
-  at::Tensor out = at::zeros({B}, grad.options().dtype(acc_type));
-  if (B == 0 || K == 0 || grad.numel() == 0) return out;
+  const checks::SigmaGradArgs a = checks::noise_sigma_grad_args(grad, ids, stream, k0);
+  if (a.empty()) return a.out;
   const at::Tensor ids_c = ids.contiguous();
-  check_id_values(ids_c, "noise_sigma_grad");
   const at::Tensor g = grad.contiguous();
-  const int64_t D = g.numel() / (K * B);
   const Key key = philox::split_seed(static_cast<uint64_t>(seed));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "noise_sigma_grad_cpu",
                                   [&] {
     using acc = acc_t<scalar_t>;
     noise_sigma_grad_kernel<scalar_t>(g.data_ptr<scalar_t>(), ids_c.data_ptr<int64_t>(),
-                                      out.data_ptr<acc>(), K, B, D, key,
+                                      a.out.data_ptr<acc>(), a.K, a.B, a.D, key,
                                       static_cast<uint32_t>(stream), static_cast<uint32_t>(k0));
   });
-  return out;
+  return a.out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(certssb, CPU, m) {
-  m.impl("noise", &noise_cpu);
-  m.impl("noise_sigma_grad", &noise_sigma_grad_cpu);
-}
+TORCH_LIBRARY_IMPL(certssb, CPU, m) { m.impl("noise", &noise_cpu).impl("noise_sigma_grad", &noise_sigma_grad_cpu); }
 
 }  // namespace certssb

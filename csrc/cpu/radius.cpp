@@ -1,7 +1,6 @@
 // radius.cpp: the CPU kernels of the radius ops (certificate arithmetic and
-// the differentiable radius proxy), their argument checks, and their
-// registration under the CPU dispatch key. The checks are shared with the CUDA
-// glue (cuda/radius_glue.cpp), which declares them.
+// the differentiable radius proxy) and their registration under the CPU dispatch key. The argument checks are shared with
+// the CUDA glue (cuda/radius_glue.cpp): checks.h.
 //
 //   radius_certify(top_score, top_count, sigma, models, alpha, num_classes,
 //                  bound) -> (pa_lower, pb_upper, radius, abstain)
@@ -25,132 +24,17 @@
 #include <tuple>
 #include <vector>
 
-#include "../stats.h"
+#include "checks.h"
+#include "stats.h"
 
 namespace certssb {
 namespace radius {
 
-// Which lower bound radius_certify computes.
-enum class Bound { kHoeffding, kClopperPearson };
+using checks::Bound;
 
 // Soft scores are means of float32 softmax outputs: this much rounding above 1
 // or below 0 is accepted (bounds._SCORE_TOL).
 constexpr double kScoreTol = 1e-6;
-
-namespace {
-
-bool is_float_type(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf ||
-         t == at::kBFloat16;
-}
-
-bool is_int_type(at::ScalarType t) {
-  return t == at::kByte || t == at::kChar || t == at::kShort ||
-         t == at::kInt || t == at::kLong;
-}
-
-void check_vector(const at::Tensor& t, const char* op, const char* name,
-                  const char* what) {
-  TORCH_CHECK(t.dim() == 1, op, ": ", name, " must be a 1-D tensor [B] (", what,
-              "), got shape ", t.sizes(), "; pass one value per sample");
-}
-
-void check_same_device(const at::Tensor& t, const at::Tensor& ref,
-                       const char* op, const char* name, const char* ref_name) {
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(),
-              " but ", ref_name, " is on ", ref.device(),
-              "; move all inputs to one device");
-}
-
-void check_clamp(double lo, double hi, const char* op) {
-  TORCH_CHECK(std::isfinite(lo) && std::isfinite(hi) && 0.0 < lo && lo < hi &&
-                  hi < 1.0,
-              op, ": the probability clamp must satisfy 0 < lo < hi < 1, got lo = ",
-              lo, ", hi = ", hi, "; the default is (0.02, 0.98)");
-}
-
-}  // namespace
-
-// Checks every argument of radius_certify but the tensor values (those are
-// checked by the CPU kernel itself, and by the Python wrapper on any device).
-Bound check_certify_args(const at::Tensor& top_score,
-                         const at::Tensor& top_count, const at::Tensor& sigma,
-                         int64_t models, double alpha, int64_t num_classes,
-                         const std::string& bound) {
-  constexpr const char* op = "certssb::radius_certify";
-  Bound kind;
-  if (bound == "hoeffding") {
-    kind = Bound::kHoeffding;
-  } else if (bound == "clopper-pearson") {
-    kind = Bound::kClopperPearson;
-  } else {
-    TORCH_CHECK(false, op, ": unknown bound '", bound,
-                "'; choose 'hoeffding' or 'clopper-pearson'");
-  }
-  TORCH_CHECK(models >= 1, op, ": models (the number of votes) must be >= 1, got ",
-              models, "; pass the real ensemble size");
-  TORCH_CHECK(0.0 < alpha && alpha < 1.0, op,
-              ": alpha must lie in (0, 1), got ", alpha,
-              "; pass the failure probability of the certificate, e.g. 0.001");
-  TORCH_CHECK(num_classes >= 2, op, ": num_classes must be >= 2, got ",
-              num_classes);
-  check_vector(top_score, op, "top_score", "mean softmax probability of the top class");
-  check_vector(top_count, op, "top_count", "vote count of the top class");
-  check_vector(sigma, op, "sigma", "noise level");
-  TORCH_CHECK(top_score.size(0) == sigma.size(0) &&
-                  top_count.size(0) == sigma.size(0),
-              op, ": top_score, top_count and sigma must have the same length B, got ",
-              top_score.size(0), ", ", top_count.size(0), " and ", sigma.size(0));
-  check_same_device(top_score, sigma, op, "top_score", "sigma");
-  check_same_device(top_count, sigma, op, "top_count", "sigma");
-  TORCH_CHECK(is_float_type(top_score.scalar_type()), op,
-              ": top_score must be a floating-point tensor (float16/bfloat16/float32/float64), got ",
-              top_score.scalar_type());
-  TORCH_CHECK(is_int_type(top_count.scalar_type()), op,
-              ": top_count must be an integer tensor (uint8/int8/int16/int32/int64) of vote counts, got ",
-              top_count.scalar_type(), "; convert integer-valued counts with .long()");
-  TORCH_CHECK(is_float_type(sigma.scalar_type()), op,
-              ": sigma must be a floating-point tensor (float16/bfloat16/float32/float64), got ",
-              sigma.scalar_type());
-  return kind;
-}
-
-// Checks the arguments of radius_proxy (and the shared ones of its backward);
-// returns the compute type: double when the output is float64, else float.
-at::ScalarType check_proxy_args(const at::Tensor& mean_probs,
-                                const at::Tensor& sigma, double lo, double hi,
-                                const char* op) {
-  TORCH_CHECK(mean_probs.dim() == 2 && mean_probs.size(1) >= 2, op,
-              ": mean_probs must be a [B, C] tensor with C >= 2 classes, got shape ",
-              mean_probs.sizes());
-  TORCH_CHECK(is_float_type(mean_probs.scalar_type()), op,
-              ": mean_probs must be float16/bfloat16/float32/float64, got ",
-              mean_probs.scalar_type());
-  check_vector(sigma, op, "sigma", "noise level");
-  TORCH_CHECK(sigma.size(0) == mean_probs.size(0), op,
-              ": sigma has ", sigma.size(0), " entries but mean_probs has ",
-              mean_probs.size(0), " rows; pass one sigma per row");
-  TORCH_CHECK(is_float_type(sigma.scalar_type()), op,
-              ": sigma must be float16/bfloat16/float32/float64, got ",
-              sigma.scalar_type());
-  check_same_device(sigma, mean_probs, op, "sigma", "mean_probs");
-  check_clamp(lo, hi, op);
-  const at::ScalarType out =
-      at::promote_types(mean_probs.scalar_type(), sigma.scalar_type());
-  return out == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// Checks `grad` of radius_proxy_backward against mean_probs.
-void check_proxy_grad(const at::Tensor& grad, const at::Tensor& mean_probs) {
-  constexpr const char* op = "certssb::radius_proxy_backward";
-  check_vector(grad, op, "grad", "gradient of the radius proxy");
-  TORCH_CHECK(grad.size(0) == mean_probs.size(0), op, ": grad has ",
-              grad.size(0), " entries but mean_probs has ", mean_probs.size(0),
-              " rows");
-  TORCH_CHECK(is_float_type(grad.scalar_type()), op,
-              ": grad must be floating point, got ", grad.scalar_type());
-  check_same_device(grad, mean_probs, op, "grad", "mean_probs");
-}
 
 namespace {
 
@@ -292,22 +176,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> radius_certify_cpu(
     const at::Tensor& top_score, const at::Tensor& top_count,
     const at::Tensor& sigma, int64_t models, double alpha, int64_t num_classes,
     c10::string_view bound) {
-  const Bound kind = check_certify_args(top_score, top_count, sigma, models,
-                                        alpha, num_classes, std::string(bound));
+  const Bound kind = checks::certify_args(top_score, top_count, sigma, models, alpha,
+                                          num_classes, std::string(bound));
+  const checks::CertifyOut out = checks::certify_outputs(sigma);
   const int64_t n = sigma.size(0);
-  const auto opts = sigma.options().dtype(at::kDouble);
-  at::Tensor pa = at::empty({n}, opts);
-  at::Tensor pb = at::empty({n}, opts);
-  at::Tensor radius = at::empty({n}, opts);
-  at::Tensor abstain = at::empty({n}, opts.dtype(at::kBool));
-  if (n == 0) return {pa, pb, radius, abstain};
+  if (n == 0) return out.tuple();
   const at::Tensor sigma64 = sigma.to(at::kDouble);
   const double* sig = sigma64.const_data_ptr<double>();
   const int64_t sig_stride = sigma64.stride(0);
-  double* pa_p = pa.mutable_data_ptr<double>();
-  double* pb_p = pb.mutable_data_ptr<double>();
-  double* r_p = radius.mutable_data_ptr<double>();
-  bool* ab_p = abstain.mutable_data_ptr<bool>();
+  double* pa_p = out.pa.mutable_data_ptr<double>();
+  double* pb_p = out.pb.mutable_data_ptr<double>();
+  double* r_p = out.radius.mutable_data_ptr<double>();
+  bool* ab_p = out.abstain.mutable_data_ptr<bool>();
   if (kind == Bound::kHoeffding) {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, top_score.scalar_type(), "radius_certify_cpu", [&] {
@@ -324,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> radius_certify_cpu(
                                         models, level, pa_p, pb_p, r_p, ab_p);
     });
   }
-  return {pa, pb, radius, abstain};
+  return out.tuple();
 }
 
 // ---------------------------------------------------------------- proxy
@@ -433,79 +313,57 @@ void proxy_backward(const acc_t* grad, int64_t grad_stride,
 
 at::Tensor radius_proxy_cpu(const at::Tensor& mean_probs, const at::Tensor& sigma,
                             double lo, double hi) {
-  const at::ScalarType acc =
-      check_proxy_args(mean_probs, sigma, lo, hi, "certssb::radius_proxy");
-  const at::ScalarType out_type =
-      at::promote_types(mean_probs.scalar_type(), sigma.scalar_type());
-  const int64_t rows = mean_probs.size(0);
-  const int64_t cols = mean_probs.size(1);
-  at::Tensor out = at::empty({rows}, mean_probs.options().dtype(out_type));
-  if (rows == 0) return out;
-  const at::Tensor sigma_acc = sigma.to(acc);
-  at::Tensor out_acc = out_type == acc ? out : at::empty({rows}, out.options().dtype(acc));
+  const checks::ProxyArgs a = checks::proxy_args(mean_probs, sigma, lo, hi, "certssb::radius_proxy");
+  at::Tensor out = at::empty({a.rows}, mean_probs.options().dtype(a.out_type));
+  if (a.rows == 0) return out;
+  at::Tensor out_acc = checks::in_acc(out, a.acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, mean_probs.scalar_type(), "radius_proxy_cpu", [&] {
         const scalar_t* probs = mean_probs.const_data_ptr<scalar_t>();
-        if (acc == at::kDouble) {
+        if (a.acc == at::kDouble) {
           proxy_forward<scalar_t, double>(
-              probs, rows, cols, mean_probs.stride(0), mean_probs.stride(1),
-              sigma_acc.const_data_ptr<double>(), sigma_acc.stride(0), lo, hi,
+              probs, a.rows, a.cols, mean_probs.stride(0), mean_probs.stride(1),
+              a.sigma_acc.const_data_ptr<double>(), a.sigma_acc.stride(0), lo, hi,
               out_acc.mutable_data_ptr<double>());
         } else {
           proxy_forward<scalar_t, float>(
-              probs, rows, cols, mean_probs.stride(0), mean_probs.stride(1),
-              sigma_acc.const_data_ptr<float>(), sigma_acc.stride(0), lo, hi,
+              probs, a.rows, a.cols, mean_probs.stride(0), mean_probs.stride(1),
+              a.sigma_acc.const_data_ptr<float>(), a.sigma_acc.stride(0), lo, hi,
               out_acc.mutable_data_ptr<float>());
         }
       });
-  if (!out_acc.is_same(out)) out.copy_(out_acc);
+  checks::finish_acc(out, out_acc);
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> radius_proxy_backward_cpu(
     const at::Tensor& grad, const at::Tensor& mean_probs, const at::Tensor& sigma,
     double lo, double hi) {
-  const at::ScalarType acc = check_proxy_args(mean_probs, sigma, lo, hi,
-                                              "certssb::radius_proxy_backward");
-  check_proxy_grad(grad, mean_probs);
-  const int64_t rows = mean_probs.size(0);
-  const int64_t cols = mean_probs.size(1);
-  at::Tensor grad_probs = at::empty({rows, cols}, mean_probs.options());
-  at::Tensor grad_sigma = at::empty({rows}, sigma.options());
-  if (rows == 0) return {grad_probs, grad_sigma};
-  const at::Tensor sigma_acc = sigma.to(acc);
-  const at::Tensor grad_acc = grad.to(acc);
-  at::Tensor gsig_acc = sigma.scalar_type() == acc
-                            ? grad_sigma
-                            : at::empty({rows}, grad_sigma.options().dtype(acc));
+  const checks::ProxyBackwardArgs a = checks::proxy_backward_args(grad, mean_probs, sigma, lo, hi);
+  if (a.rows == 0) return a.result();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, mean_probs.scalar_type(), "radius_proxy_backward_cpu", [&] {
         const scalar_t* probs = mean_probs.const_data_ptr<scalar_t>();
-        scalar_t* gp = grad_probs.mutable_data_ptr<scalar_t>();
-        if (acc == at::kDouble) {
+        scalar_t* gp = a.grad_probs.mutable_data_ptr<scalar_t>();
+        if (a.acc == at::kDouble) {
           proxy_backward<scalar_t, double>(
-              grad_acc.const_data_ptr<double>(), grad_acc.stride(0), probs, rows,
-              cols, mean_probs.stride(0), mean_probs.stride(1),
-              sigma_acc.const_data_ptr<double>(), sigma_acc.stride(0), lo, hi, gp,
-              gsig_acc.mutable_data_ptr<double>());
+              a.grad_acc.const_data_ptr<double>(), a.grad_acc.stride(0), probs, a.rows, a.cols,
+              mean_probs.stride(0), mean_probs.stride(1), a.sigma_acc.const_data_ptr<double>(),
+              a.sigma_acc.stride(0), lo, hi, gp, a.grad_sigma_acc.mutable_data_ptr<double>());
         } else {
           proxy_backward<scalar_t, float>(
-              grad_acc.const_data_ptr<float>(), grad_acc.stride(0), probs, rows,
-              cols, mean_probs.stride(0), mean_probs.stride(1),
-              sigma_acc.const_data_ptr<float>(), sigma_acc.stride(0), lo, hi, gp,
-              gsig_acc.mutable_data_ptr<float>());
+              a.grad_acc.const_data_ptr<float>(), a.grad_acc.stride(0), probs, a.rows, a.cols,
+              mean_probs.stride(0), mean_probs.stride(1), a.sigma_acc.const_data_ptr<float>(),
+              a.sigma_acc.stride(0), lo, hi, gp, a.grad_sigma_acc.mutable_data_ptr<float>());
         }
       });
-  if (!gsig_acc.is_same(grad_sigma)) grad_sigma.copy_(gsig_acc);
-  return {grad_probs, grad_sigma};
+  return a.result();
 }
 
 }  // namespace
+
+TORCH_LIBRARY_IMPL(certssb, CPU, m) { m.impl("radius_certify", &radius_certify_cpu)
+    .impl("radius_proxy", &radius_proxy_cpu).impl("radius_proxy_backward", &radius_proxy_backward_cpu); }
+
 }  // namespace radius
 }  // namespace certssb
-
-TORCH_LIBRARY_IMPL(certssb, CPU, m) {
-  m.impl("radius_certify", &certssb::radius::radius_certify_cpu);
-  m.impl("radius_proxy", &certssb::radius::radius_proxy_cpu);
-  m.impl("radius_proxy_backward", &certssb::radius::radius_proxy_backward_cpu);
-}

@@ -160,27 +160,17 @@ cudaError_t sigma_grad_typed(const void* grad, const int64_t* ids, void* out, in
 cudaError_t launch_noise(DType dtype, const void* x, const void* sigma, const int64_t* ids,
                          void* out, int64_t K, int64_t B, int64_t D, uint64_t seed,
                          uint32_t stream, uint32_t k0, cudaStream_t s) {
-  switch (dtype) {
-    case DType::kFloat32: return noise_typed<float>(x, sigma, ids, out, K, B, D, seed, stream, k0, s);
-    case DType::kFloat64: return noise_typed<double>(x, sigma, ids, out, K, B, D, seed, stream, k0, s);
-    case DType::kFloat16: return noise_typed<__half>(x, sigma, ids, out, K, B, D, seed, stream, k0, s);
-    case DType::kBFloat16:
-      return noise_typed<__nv_bfloat16>(x, sigma, ids, out, K, B, D, seed, stream, k0, s);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    return noise_typed<decltype(tag)>(x, sigma, ids, out, K, B, D, seed, stream, k0, s);
+  });
 }
 
 cudaError_t launch_noise_sigma_grad(DType dtype, const void* grad, const int64_t* ids, void* out,
                                     int64_t K, int64_t B, int64_t D, uint64_t seed,
                                     uint32_t stream, uint32_t k0, cudaStream_t s) {
-  switch (dtype) {
-    case DType::kFloat32: return sigma_grad_typed<float>(grad, ids, out, K, B, D, seed, stream, k0, s);
-    case DType::kFloat64: return sigma_grad_typed<double>(grad, ids, out, K, B, D, seed, stream, k0, s);
-    case DType::kFloat16: return sigma_grad_typed<__half>(grad, ids, out, K, B, D, seed, stream, k0, s);
-    case DType::kBFloat16:
-      return sigma_grad_typed<__nv_bfloat16>(grad, ids, out, K, B, D, seed, stream, k0, s);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    return sigma_grad_typed<decltype(tag)>(grad, ids, out, K, B, D, seed, stream, k0, s);
+  });
 }
 
 }  // namespace cuda

@@ -1,5 +1,5 @@
 // radius_kernel.cu: the CUDA kernels of the radius ops and their host
-// launchers (declared in radius_launch.h): certificate arithmetic (Hoeffding
+// launchers (declared in launch.h): certificate arithmetic (Hoeffding
 // and Clopper-Pearson pA_lower, pB_upper, radius, abstain) and the radius
 // proxy with its gradient.
 //
@@ -11,11 +11,11 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "radius_launch.h"
+#include "cuda/launch.h"
 #include "stats.h"
 
 namespace certssb {
-namespace radius_cuda {
+namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;            // threads per block
@@ -51,57 +51,52 @@ __device__ __forceinline__ bool valid_sigma(double s) {
   return s > 0.0 && s <= stats::kSigmaMax;
 }
 
-__device__ __forceinline__ void store_cert(int64_t i, double pa, double sigma,
-                                           bool valid, double* pa_out,
-                                           double* pb_out, double* radius_out,
-                                           bool* abstain_out) {
-  if (!valid) {  // the wrapper rejects these; never a silent certificate
-    pa_out[i] = NAN;
-    pb_out[i] = NAN;
-    radius_out[i] = NAN;
-    abstain_out[i] = true;
-    return;
-  }
-  const Cert c = finish(pa, sigma);
-  pa_out[i] = pa;
-  pb_out[i] = c.pb;
-  radius_out[i] = c.radius;
-  abstain_out[i] = c.abstain;
-}
+// Row i of a certificate kernel: its pA_lower (meaningless when !valid), its
+// sigma, and whether its inputs are valid.
+struct CertRow {
+  double pa;
+  double sigma;
+  bool valid;
+};
 
-__global__ void certify_hoeffding_kernel(const double* __restrict__ score,
-                                         int64_t score_stride,
-                                         const double* __restrict__ sigma,
-                                         int64_t sigma_stride, int64_t n,
-                                         double width, double* pa_out,
-                                         double* pb_out, double* radius_out,
-                                         bool* abstain_out) {
-  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-       i < n; i += step) {
-    const double p = score[i * score_stride];
-    const double s = sigma[i * sigma_stride];
+// Hoeffding: pa = clamp(top_score - width, 0, 1).
+struct HoeffdingRow {
+  Strided<double> score, sigma;
+  double width;
+  __device__ CertRow operator()(int64_t i) const {
+    const double p = score.data[i * score.stride];
+    const double s = sigma.data[i * sigma.stride];
     const bool valid = p >= -kScoreTol && p <= 1.0 + kScoreTol && valid_sigma(s);
-    const double pa = fmin(fmax(p - width, 0.0), 1.0);  // clamp(0, 1)
-    store_cert(i, pa, s, valid, pa_out, pb_out, radius_out, abstain_out);
+    return CertRow{fmin(fmax(p - width, 0.0), 1.0), s, valid};
   }
-}
+};
 
-__global__ void certify_cp_kernel(const int64_t* __restrict__ count,
-                                  int64_t count_stride,
-                                  const double* __restrict__ sigma,
-                                  int64_t sigma_stride, int64_t n,
-                                  int64_t models, double level, double* pa_out,
-                                  double* pb_out, double* radius_out,
-                                  bool* abstain_out) {
-  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-       i < n; i += step) {
-    const int64_t k = count[i * count_stride];
-    const double s = sigma[i * sigma_stride];
+// Clopper-Pearson: pa = the level quantile of Beta(k, models - k + 1).
+struct ClopperPearsonRow {
+  Strided<int64_t> count;
+  Strided<double> sigma;
+  int64_t models;
+  double level;
+  __device__ CertRow operator()(int64_t i) const {
+    const int64_t k = count.data[i * count.stride];
+    const double s = sigma.data[i * sigma.stride];
     const bool valid = k >= 0 && k <= models && valid_sigma(s);
-    const double pa = valid ? stats::clopper_pearson_lower(k, models, level) : 0.0;
-    store_cert(i, pa, s, valid, pa_out, pb_out, radius_out, abstain_out);
+    return CertRow{valid ? stats::clopper_pearson_lower(k, models, level) : 0.0, s, valid};
+  }
+};
+
+// Grid-stride loop over the rows: invalid rows get NaN and abstain = true (the
+// wrapper rejects these; never a silent certificate).
+template <typename Row>
+__global__ void certify_kernel(Row row, int64_t n, CertOut out) {
+  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
+    const CertRow r = row(i);
+    const Cert c = finish(r.pa, r.sigma);
+    out.pa_lower[i] = r.valid ? r.pa : NAN;
+    out.pb_upper[i] = r.valid ? c.pb : NAN;
+    out.radius[i] = r.valid ? c.radius : NAN;
+    out.abstain[i] = r.valid ? c.abstain : true;
   }
 }
 
@@ -291,102 +286,73 @@ __global__ void proxy_backward_kernel(const acc_t* __restrict__ grad,
   }
 }
 
-// Calls f(scalar_t{}) with the storage type named by `type`.
-template <typename F>
-void dispatch_prob(ProbType type, F&& f) {
-  switch (type) {
-    case ProbType::kFloat16: f(__half{}); break;
-    case ProbType::kBFloat16: f(__nv_bfloat16{}); break;
-    case ProbType::kFloat32: f(float{}); break;
-    case ProbType::kFloat64: f(double{}); break;
-  }
-}
-
 }  // namespace
 
-cudaError_t launch_certify_hoeffding(const double* top_score, int64_t score_stride,
-                                     const double* sigma, int64_t sigma_stride,
-                                     int64_t n, double width, double* pa_lower,
-                                     double* pb_upper, double* radius,
-                                     bool* abstain, cudaStream_t stream) {
+cudaError_t launch_certify_hoeffding(Strided<double> top_score, Strided<double> sigma, int64_t n,
+                                     double width, CertOut out, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
-  certify_hoeffding_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(
-      top_score, score_stride, sigma, sigma_stride, n, width, pa_lower, pb_upper,
-      radius, abstain);
+  certify_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(
+      HoeffdingRow{top_score, sigma, width}, n, out);
   return cudaGetLastError();
 }
 
-cudaError_t launch_certify_clopper_pearson(const int64_t* top_count,
-                                           int64_t count_stride,
-                                           const double* sigma,
-                                           int64_t sigma_stride, int64_t n,
-                                           int64_t models, double level,
-                                           double* pa_lower, double* pb_upper,
-                                           double* radius, bool* abstain,
+cudaError_t launch_certify_clopper_pearson(Strided<int64_t> top_count, Strided<double> sigma,
+                                           int64_t n, int64_t models, double level, CertOut out,
                                            cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
   // Each thread runs an iterative solve: smaller blocks spread it over more SMs.
   constexpr int kCpThreads = 128;
-  certify_cp_kernel<<<grid_for(n, kCpThreads), kCpThreads, 0, stream>>>(
-      top_count, count_stride, sigma, sigma_stride, n, models, level, pa_lower,
-      pb_upper, radius, abstain);
+  certify_kernel<<<grid_for(n, kCpThreads), kCpThreads, 0, stream>>>(
+      ClopperPearsonRow{top_count, sigma, models, level}, n, out);
   return cudaGetLastError();
 }
 
-cudaError_t launch_proxy_forward(const void* mean_probs, ProbType type,
-                                 int64_t rows, int64_t cols, int64_t row_stride,
-                                 int64_t col_stride, const void* sigma,
-                                 int64_t sigma_stride, bool acc_double,
-                                 double lo, double hi, void* out,
-                                 cudaStream_t stream) {
-  if (rows <= 0) return cudaSuccess;
-  const int grid = grid_for(rows, kThreads / kWarp);  // one warp per row
-  dispatch_prob(type, [&](auto tag) {
+cudaError_t launch_proxy_forward(const ProxyIn& in, void* out, cudaStream_t stream) {
+  if (in.rows <= 0) return cudaSuccess;
+  const int grid = grid_for(in.rows, kThreads / kWarp);  // one warp per row
+  const cudaError_t bad_dtype = dispatch_dtype(in.dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
-    const auto* probs = static_cast<const scalar_t*>(mean_probs);
-    if (acc_double) {
+    const auto* probs = static_cast<const scalar_t*>(in.mean_probs);
+    if (in.acc_double) {
       proxy_forward_kernel<scalar_t, double><<<grid, kThreads, 0, stream>>>(
-          probs, rows, cols, row_stride, col_stride,
-          static_cast<const double*>(sigma), sigma_stride, lo, hi,
+          probs, in.rows, in.cols, in.row_stride, in.col_stride,
+          static_cast<const double*>(in.sigma), in.sigma_stride, in.lo, in.hi,
           static_cast<double*>(out));
     } else {
       proxy_forward_kernel<scalar_t, float><<<grid, kThreads, 0, stream>>>(
-          probs, rows, cols, row_stride, col_stride,
-          static_cast<const float*>(sigma), sigma_stride,
-          static_cast<float>(lo), static_cast<float>(hi), static_cast<float*>(out));
+          probs, in.rows, in.cols, in.row_stride, in.col_stride,
+          static_cast<const float*>(in.sigma), in.sigma_stride, static_cast<float>(in.lo),
+          static_cast<float>(in.hi), static_cast<float*>(out));
     }
+    return cudaSuccess;
   });
-  return cudaGetLastError();
+  return bad_dtype != cudaSuccess ? bad_dtype : cudaGetLastError();
 }
 
-cudaError_t launch_proxy_backward(const void* grad, int64_t grad_stride,
-                                  const void* mean_probs, ProbType type,
-                                  int64_t rows, int64_t cols, int64_t row_stride,
-                                  int64_t col_stride, const void* sigma,
-                                  int64_t sigma_stride, bool acc_double,
-                                  double lo, double hi, void* grad_mean_probs,
-                                  void* grad_sigma, cudaStream_t stream) {
-  if (rows <= 0) return cudaSuccess;
-  const int grid = grid_for(rows, kThreads / kWarp);
-  dispatch_prob(type, [&](auto tag) {
+cudaError_t launch_proxy_backward(const ProxyIn& in, const void* grad, int64_t grad_stride,
+                                  void* grad_mean_probs, void* grad_sigma, cudaStream_t stream) {
+  if (in.rows <= 0) return cudaSuccess;
+  const int grid = grid_for(in.rows, kThreads / kWarp);
+  const cudaError_t bad_dtype = dispatch_dtype(in.dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
-    const auto* probs = static_cast<const scalar_t*>(mean_probs);
+    const auto* probs = static_cast<const scalar_t*>(in.mean_probs);
     auto* gp = static_cast<scalar_t*>(grad_mean_probs);
-    if (acc_double) {
+    if (in.acc_double) {
       proxy_backward_kernel<scalar_t, double><<<grid, kThreads, 0, stream>>>(
-          static_cast<const double*>(grad), grad_stride, probs, rows, cols,
-          row_stride, col_stride, static_cast<const double*>(sigma), sigma_stride,
-          lo, hi, gp, static_cast<double*>(grad_sigma));
+          static_cast<const double*>(grad), grad_stride, probs, in.rows, in.cols, in.row_stride,
+          in.col_stride, static_cast<const double*>(in.sigma), in.sigma_stride, in.lo, in.hi, gp,
+          static_cast<double*>(grad_sigma));
     } else {
       proxy_backward_kernel<scalar_t, float><<<grid, kThreads, 0, stream>>>(
-          static_cast<const float*>(grad), grad_stride, probs, rows, cols,
-          row_stride, col_stride, static_cast<const float*>(sigma), sigma_stride,
-          static_cast<float>(lo), static_cast<float>(hi), gp,
+          static_cast<const float*>(grad), grad_stride, probs, in.rows, in.cols, in.row_stride,
+          in.col_stride, static_cast<const float*>(in.sigma), in.sigma_stride,
+          static_cast<float>(in.lo), static_cast<float>(in.hi), gp,
           static_cast<float*>(grad_sigma));
     }
+    return cudaSuccess;
   });
-  return cudaGetLastError();
+  return bad_dtype != cudaSuccess ? bad_dtype : cudaGetLastError();
 }
 
-}  // namespace radius_cuda
+}  // namespace cuda
 }  // namespace certssb

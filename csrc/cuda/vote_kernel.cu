@@ -50,14 +50,7 @@ __global__ void vote_top2_kernel(const int64_t* __restrict__ soft, const int64_t
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < B;
        b += step) {
-    int64_t first, second;
-    vote::top2_row((by_count ? hard : soft) + b * C, C, &first, &second);
-    cls[2 * b] = first;
-    cls[2 * b + 1] = second;
-    units[2 * b] = soft[b * C + first];
-    units[2 * b + 1] = soft[b * C + second];
-    counts[2 * b] = hard[b * C + first];
-    counts[2 * b + 1] = hard[b * C + second];
+    vote::top2_store(soft, hard, by_count, b, C, cls, units, counts);
   }
 }
 
@@ -81,14 +74,9 @@ cudaError_t accumulate_typed(const void* logits, int64_t sm, int64_t sb, int64_t
 cudaError_t launch_vote_accumulate(DType dtype, const void* logits, int64_t sm, int64_t sb,
                                    int64_t sc, int64_t* soft, int64_t* hard, int64_t M, int64_t B,
                                    int64_t C, cudaStream_t s) {
-  switch (dtype) {
-    case DType::kFloat32: return accumulate_typed<float>(logits, sm, sb, sc, soft, hard, M, B, C, s);
-    case DType::kFloat64: return accumulate_typed<double>(logits, sm, sb, sc, soft, hard, M, B, C, s);
-    case DType::kFloat16: return accumulate_typed<__half>(logits, sm, sb, sc, soft, hard, M, B, C, s);
-    case DType::kBFloat16:
-      return accumulate_typed<__nv_bfloat16>(logits, sm, sb, sc, soft, hard, M, B, C, s);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    return accumulate_typed<decltype(tag)>(logits, sm, sb, sc, soft, hard, M, B, C, s);
+  });
 }
 
 cudaError_t launch_vote_top2(const int64_t* soft, const int64_t* hard, bool by_count,
