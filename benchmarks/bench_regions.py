@@ -1,4 +1,4 @@
-"""Benchmark of the storage-update certifier's candidate search (DESIGN.md 4, issue 5).
+"""Benchmark of the storage-update certifier's candidate search (docs/THEORY.md section 6).
 
 One job: time RegionStore backends side by side on the same synthetic certification
 stream and check that they take the same decisions.

@@ -2,7 +2,7 @@
 // Box-Muller, usable unchanged from host C++ and from CUDA device code.
 //
 // Every Gaussian draw of certssb is a pure function of
-// (seed, stream, a, b, element) (DESIGN.md section 2):
+// (seed, stream, a, b, element) (docs/THEORY.md section 8):
 //
 //   key     = (k0, k1) = (seed & 0xffffffff, seed >> 32)        [split_seed]
 //   counter = (c0, c1, c2, c3) = (stream, a, b, element / 4)

@@ -3,7 +3,7 @@
 // quantile PhiInv, the regularized incomplete beta function I_x(a, b) and its
 // inverse in x (the Clopper-Pearson bound), and the Hoeffding width.
 //
-// Definitions (DESIGN.md 1.5 and 3; certssb/bounds.py is the reference):
+// Definitions (docs/THEORY.md section 3; certssb/certify/bounds/ is the reference):
 //
 //   PhiInv(p)          = sqrt(2) * erfinv(2p - 1)
 //   B(a, b)            = Gamma(a) Gamma(b) / Gamma(a + b)

@@ -1,4 +1,4 @@
-"""Empirical soundness of the certificates on a small real task (issue 7, part 4b).
+"""Empirical soundness of the certificates on a small real task.
 
 Trains an ensemble of smoothed models (RAB, one sigma) on digits or MNIST 1-vs-0,
 certifies the test set, then counts the certified predictions that change under

@@ -179,7 +179,7 @@ def test_validation_errors(backend):
 # ----------------------------------------------------------------------------- reference
 def reference_stream(xs: np.ndarray, labels: np.ndarray, radii: np.ndarray, abstain: np.ndarray,
                      order: list[int]) -> list[tuple[int, float, str, int]]:
-    """Straightforward float64 re-implementation of DESIGN.md 4 (one loop over the store)."""
+    """Straightforward float64 re-implementation of the storage update (docs/THEORY.md section 6; one loop over the store)."""
     store: list[tuple[np.ndarray, int, float]] = []
     out: list[tuple[int, float, str, int]] = [(-9, -9.0, "", -9)] * len(order)
     for q in order:

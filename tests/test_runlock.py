@@ -1,4 +1,4 @@
-"""The run-directory lock (issue 7.2): one writer per run directory, released by the OS when the holder dies."""
+"""The run-directory lock: one writer per run directory, released by the OS when the holder dies."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,4 @@
-"""Untrusted and damaged files (issue 7.2-7.3): nothing a user may receive is unpickled, paths named
+"""Untrusted and damaged files: nothing a user may receive is unpickled, paths named
 inside a run directory cannot leave it, and truncated or altered files are never used.
 
 A malicious pickle whose __reduce__ runs `os.system("touch MARKER")` is planted where a checkpoint, a

@@ -1,4 +1,4 @@
-"""Validation at every boundary (issue 7.1): bad input -> one clear CertssbError, CLI exit 2, no traceback.
+"""Validation at every boundary: bad input -> one clear CertssbError, CLI exit 2, no traceback.
 
 Three tables:
 - API_CASES: Python API calls (pipeline.run / RunConfig, load_task, certify_models, certify_votes,

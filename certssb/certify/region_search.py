@@ -1,6 +1,6 @@
 """Candidate search for the storage-update certifier: which stored balls might conflict.
 
-This file's one job is the search half of DESIGN.md 4. A backend gets query
+This file's one job is the search half of the storage update (docs/THEORY.md section 6). A backend gets query
 vectors (float32 [B, D], with their labels c_j and radii R_j) and the store's
 final rows (centres x_i float32 [n, D], labels c_i, radii R_i) and returns a
 SUPERSET of the pairs that conflict,

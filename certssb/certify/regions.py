@@ -1,6 +1,6 @@
 """Storage-update certifier: keeps the certified L2 balls of all inputs label-consistent.
 
-This file's one job is the decision half of DESIGN.md 4 (the search half is
+This file's one job is the decision half of the storage update (docs/THEORY.md section 6; the search half is
 `certssb.certify.region_search`). Certified regions are open L2 balls B(x, R) with a
 label c. A store S of (x_i, c_i, R_i) grows one input at a time; for a new
 input (x, c, R):
@@ -418,7 +418,7 @@ class RegionStore:
         return xs, lab.cpu().to(torch.int64).numpy(), rad.cpu().numpy()
 
     def update(self, x: Tensor, label: int, radius: float) -> RegionDecision:
-        """Apply the storage update of DESIGN.md 4 to one input and store the result.
+        """Apply the storage update (docs/THEORY.md section 6) to one input and store the result.
 
         Args:
             x: one input, any shape; flattened to [D] and stored as float32.

@@ -1,6 +1,6 @@
 """Empirical soundness checks: do certified predictions survive perturbations below their radius?
 
-This file's one job is the experiment of issue 7 (part 4b), built from the
+This file's one job is the empirical soundness experiment, built from the
 package's own pipeline pieces (`data.load_task`, `training.train_group`,
 `certify.collect_votes` / `certify_votes`) with one global sigma (RAB, the mode
 whose radius is a theorem, docs/THEORY.md 4.2):

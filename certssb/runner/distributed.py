@@ -1,4 +1,4 @@
-"""Running one job over several processes or machines (DESIGN.md 6): ranks, sharding, reductions.
+"""Running one job over several processes or machines (docs/ARCHITECTURE.md section 7): ranks, sharding, reductions.
 
 `torchrun --nproc_per_node=N -m certssb run ...` starts N copies of the
 command with RANK, WORLD_SIZE, LOCAL_RANK and a rendezvous address in the

@@ -1,4 +1,4 @@
-"""The whole run (DESIGN.md 1): data -> attack -> sigma -> ensemble -> certify -> report.
+"""The whole run (docs/ARCHITECTURE.md section 1): data -> attack -> sigma -> ensemble -> certify -> report.
 
 Each stage writes what it produced into the run directory, keyed by a
 fingerprint of everything upstream, so a rerun with the same config reuses

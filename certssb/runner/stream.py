@@ -1,6 +1,6 @@
 """Streaming certification: certify inputs that arrive in batches, chunk by chunk, resumably.
 
-This file's one job is issue 7.5: a trained run directory's ensemble certifies a stream
+This file's one job: a trained run directory's ensemble certifies a stream
 of new inputs of any length with memory that does not grow with the number of inputs
 (apart from the storage-update store, which by design keeps every certified ball:
 4 D + 32 bytes per stored input, and its search temporaries, bounded), and a job killed at

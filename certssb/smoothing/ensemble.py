@@ -1,4 +1,4 @@
-"""The ensemble of smoothed models (DESIGN.md 1.4 and 6): train in groups, checkpoint, resume, load.
+"""The ensemble of smoothed models (docs/ARCHITECTURE.md sections 5 and 7): train in groups, checkpoint, resume, load.
 
 Model k trains on {(x_i + sigma_i * eps_train(k, i), y_i)}: the noise of sample
 i for model k is fixed for all epochs (RAB's semantics). Models differ only in

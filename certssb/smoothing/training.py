@@ -44,7 +44,7 @@ class Schedule:
 
 
 def batch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
-    """The mini-batch order of an epoch: shared by every model of a run (DESIGN.md 1.4)."""
+    """The mini-batch order of an epoch: shared by every model of a run (docs/ARCHITECTURE.md section 5)."""
     return torch.randperm(n, generator=generator(seed, "batch-order", epoch))
 
 
