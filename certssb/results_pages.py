@@ -392,7 +392,8 @@ def fair_table(row: "FairRow") -> str:
     for r in shown:
         lines.append(f"| {r} | " + " | ".join(f(r) for _, f in cols) + " |")
     if len(shown) < len(radii):
-        lines.append(f"| {radii[len(shown)]} to {radii[-1]} | " + " | ".join("0.0" for _ in cols) + " |")
+        rest = radii[len(shown)] if len(shown) == len(radii) - 1 else f"{radii[len(shown)]} to {radii[-1]}"
+        lines.append(f"| {rest} | " + " | ".join("0.0" for _ in cols) + " |")
     return "\n".join(lines)
 
 
@@ -636,7 +637,8 @@ def update_readme(readme: Path, cells: Sequence[dict], docs: Path) -> Path:
             if row.cell is c:
                 rows.append(headline(row, f"[{page}]({rel}/{page}.md)"))
     radii = " | ".join(f"r = {r}" for r in README_RADII)
-    block = [README_START, "", README_INTRO, "",
+    intro = README_INTRO + (" " + APPROX_NOTE if any(c.get("approximate") for c in cells) else "")
+    block = [README_START, "", intro, "",
              f"| task | scale | setting | sigma0 | M | {radii} | beats / ties / loses | page |",
              "|---|---|---|---:|---:|" + "---:|" * len(README_RADII) + "---:|---|", *rows, ""]
     published = [h for c in sorted(cells, key=lambda c: (c["experiment"], c["scale"], c["cell"]))
