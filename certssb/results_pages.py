@@ -408,7 +408,11 @@ def fair_section(exp_cells: list[dict], head: str, scale: str, bounds: Sequence[
     if any(c.get("approximate") for c in exp_cells):
         out += [APPROX_NOTE, ""]
     for row in rows:
-        grid = ", ".join(f"{s:g}" for s in row.grid) or "none"
+        if not row.grid:
+            out += [f"#### {cell_label(row.cell)}; {row.bound}", "",
+                    "No RAB cell of this task has finished, so there is no envelope to compare with.", ""]
+            continue
+        grid = ", ".join(f"{s:g}" for s in row.grid)
         out += [f"#### {cell_label(row.cell)}; {row.bound}", "", fair_table(row), "",
                 f"RAB trained at sigma0 {grid} for this task. Against the envelope, Cert-SSB "
                 f"{row.verdict().text(row.n)}; Cert-SSB with the conservative radius "
@@ -588,9 +592,9 @@ def headline(row: FairRow, page_link: str) -> str:
         return " / ".join(_pct(v) for v in vals)
 
     v = row.verdict()
+    tally = f"{len(v.beats)} / {len(v.ties)} / {len(v.loses)}" if row.grid else "no RAB cell"
     return (f"| {task} | {scale} | {_task_words(cell, s)} | {row.sigma0:g} | {s['config']['models']} | "
-            + " | ".join(entry(r) for r in README_RADII)
-            + f" | {len(v.beats)} / {len(v.ties)} / {len(v.loses)} | {page_link} |")
+            + " | ".join(entry(r) for r in README_RADII) + f" | {tally} | {page_link} |")
 
 
 def published_headline(cell: dict, page_rel: str) -> Optional[str]:
