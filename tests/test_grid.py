@@ -9,7 +9,9 @@ import pytest
 from certssb.cli import main
 from certssb.errors import CertssbError
 from certssb.experiments.grid import Experiment, cell_name, parse_only, run_grid
-from certssb.report.pages import compare_methods, find_cells, published_headline, write_pages
+from certssb.report.cells import find_cells
+from certssb.report.pages import compare_methods, write_pages
+from certssb.report.readme_block import published_headline
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +46,12 @@ def test_shipped_experiment_files_are_valid():
             "mnist-10class", "cifar10-10class", "mnist-1v0-published"} <= names
     mnist = Experiment.load(REPO / "experiments" / "mnist-1v0.json")
     assert len(mnist.cells("full")) == 12  # 3 triggers x 4 sigma0
-    assert {c.point["sigma0"] for c in mnist.cells("cpu")} == {0.25, 0.5, 1.0}
+    assert {c.point["sigma0"] for c in mnist.cells("cpu")} == {0.12, 0.25, 0.5, 1.0}  # RAB's envelope
+    pub = Experiment.load(REPO / "experiments" / "mnist-1v0-published.json")
+    extra = [c for c in pub.cells("cpu") if c.point.get("method") == "rab"]
+    assert [c.name for c in extra] == [f"method-rab_sigma0-{s}" for s in ("0.12", "0.25", "0.5", "1")]
+    assert all(c.config["models"] == 500 and c.config["trigger"] == "onepixel" for c in extra)
+    assert pub.cells("smoke")[0].name == "default" and len(pub.cells("smoke")) == 1
 
 
 def test_cells_names_and_only_filter():
@@ -68,6 +75,9 @@ def test_cells_names_and_only_filter():
     ({"colour": "red"}, "unknown keys"),
     ({"axes": {"sigma0": [0.25, -1.0]}}, "sigma0"),
     ({"scales": {"full": {"models": 0}}}, "--models"),
+    ({"extra_cells": [{"sigma_zero": 1}]}, "unknown settings"),
+    ({"extra_cells": [{}]}, "non-empty objects"),
+    ({"extra_cells": [{"method": "rab", "sigma0": -1.0}]}, "sigma0"),
 ])
 def test_bad_experiment_files_are_refused(change, message):
     with pytest.raises(CertssbError, match=message):
@@ -119,7 +129,8 @@ def test_grid_runs_resumes_and_writes_pages(tmp_path, monkeypatch):
     assert (tmp_path / "docs" / "digits-digits-tiny-full-hoeffding.png").stat().st_size > 1000
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("tail\n") and "old" not in text
-    assert "digits-tiny | full | sigma0-0.25 | 3 |" in text
+    assert "| digits-tiny | full | trigger blending | 0.25 | 3 |" in text  # readable rows, not folder names
+    assert (tmp_path / "docs" / "cells" / "digits-tiny" / "full" / "sigma0-0.25" / "hoeffding.json").exists()
     assert readme in paths
 
 
@@ -170,7 +181,7 @@ def test_cli_grid_dry_run_and_errors(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert main(["grid", str(f), "--only", "sigma0"]) == 2
     assert "AXIS=VALUE" in capsys.readouterr().err
-    assert main(["pages", "--runs", str(tmp_path / "nothing")]) == 2
+    assert main(["pages", "--runs", str(tmp_path / "nothing"), "--docs", str(tmp_path / "docs")]) == 2
     assert "not a directory" in capsys.readouterr().err
 
 

@@ -36,8 +36,9 @@ from ..errors import CertssbError
 from ..core.files import atomic_write_json, read_json
 
 CELL_FORMAT = 1
-EXPERIMENT_KEYS = {"name", "title", "page", "description", "base", "axes", "bounds", "scales", "published"}
-SCALE_ONLY_KEYS = {"axes", "note"}
+EXPERIMENT_KEYS = {"name", "title", "page", "description", "base", "axes", "bounds", "scales", "published",
+                   "extra_cells"}
+SCALE_ONLY_KEYS = {"axes", "note", "extra_cells"}
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
 # The grid owns these: each cell trains into its own directory and is certified once per
 # bound. (`method` defaults to both; an experiment may pin one, e.g. to match a publication.)
@@ -58,6 +59,10 @@ class Experiment:
     description: str = ""
     published: Optional[dict] = None  # figures from the original work to compare against
     path: Optional[str] = None
+    # cells beside the product of the axes, each a dict of settings that is also its point, e.g.
+    # {"method": "rab", "sigma0": 0.5}: RAB at the other sigma0 of the grid, for RAB's envelope
+    # (certssb.report.envelope), where the axes train one sigma0 only. A scale may replace the list.
+    extra_cells: list = dataclasses.field(default_factory=list)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Experiment":
@@ -88,7 +93,8 @@ class Experiment:
         exp = cls(name=name, title=raw.get("title", name), page=raw.get("page", raw["base"].get("dataset", name)),
                   base=dict(raw["base"]), axes={k: list(v) for k, v in raw.get("axes", {}).items()},
                   bounds=list(raw.get("bounds", ["hoeffding"])), scales=dict(raw["scales"]),
-                  description=raw.get("description", ""), published=raw.get("published"), path=where)
+                  description=raw.get("description", ""), published=raw.get("published"), path=where,
+                  extra_cells=list(raw.get("extra_cells", [])))
         exp.validate()
         return exp
 
@@ -117,6 +123,13 @@ class Experiment:
             raise CertssbError(f"{where}: \"bounds\" is empty; list at least one of {', '.join(BOUNDS)}")
         if not self.scales:
             raise CertssbError(f"{where}: \"scales\" is empty; define at least \"full\"")
+        for what, extras in [("extra_cells", self.extra_cells)] + [
+                (f"scale {s!r} extra_cells", o.get("extra_cells", [])) for s, o in self.scales.items()
+                if isinstance(o, dict)]:
+            if not isinstance(extras, list) or not all(isinstance(e, dict) and e for e in extras):
+                raise CertssbError(f"{where}: {what} must be a list of non-empty objects of settings")
+            for e in extras:
+                check_fields(e, what)
         for scale, over in self.scales.items():
             if not isinstance(over, dict):
                 raise CertssbError(f"{where}: scale {scale!r} must be an object of settings")
@@ -142,12 +155,18 @@ class Experiment:
         settings = {k: v for k, v in over.items() if k not in SCALE_ONLY_KEYS}
         cells = []
         names = list(axes)
-        for values in itertools.product(*(axes[k] for k in names)):
-            point = dict(zip(names, values))
+        points = [dict(zip(names, values)) for values in itertools.product(*(axes[k] for k in names))]
+        points += [dict(e) for e in over.get("extra_cells", self.extra_cells)]
+        seen = set()
+        for point in points:
             if only and any(k in point and _fmt(point[k]) not in want for k, want in only.items()):
                 continue
+            name = cell_name(point)
+            if name in seen:
+                continue
+            seen.add(name)
             cfg = {"method": "both", **self.base, **settings, **point}
-            cells.append(Cell(self, scale, cell_name(point), point, cfg))
+            cells.append(Cell(self, scale, name, point, cfg))
         return cells
 
 

@@ -25,6 +25,14 @@ def format_table(summary: Mapping) -> str:
             curve = m.get(split, {}).get("certified_accuracy", {})
             radii = radii or list(curve)
             cols.append((f"{name} {split}", curve))
+    # the same votes under the other bound (summary "other_bound", no storage update), clean inputs
+    other = {}
+    for name, m in methods.items():
+        ob = m.get("other_bound") or {}
+        curve = ob.get("clean", {}).get("certified_accuracy")
+        if curve:
+            cols.append((f"{name} clean [{ob['bound']}]", curve))
+            other[name] = ob
     head = ["radius"] + [c[0] for c in cols]
     widths = [max(8, len(h)) for h in head]
     lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
@@ -40,6 +48,11 @@ def format_table(summary: Mapping) -> str:
                     f"clean acc {_pct(c.get('accuracy')).strip()}, abstain {_pct(c.get('abstain_rate')).strip()}; "
                     f"triggered: robust acc {_pct(t.get('robust_accuracy')).strip()}, "
                     f"attack success {_pct(t.get('attack_success_rate')).strip()}")
+        if name in other:
+            oc = other[name]["clean"]
+            foot.append(f"  [{other[name]['bound']}]: the same votes bounded with {other[name]['bound']} instead "
+                        f"of {m.get('bound')}, without the storage update: clean acc "
+                        f"{_pct(oc.get('accuracy')).strip()}, abstain {_pct(oc.get('abstain_rate')).strip()}")
         ceil = m.get("ceiling")
         if ceil:
             line = (f"  ceiling: with M={m.get('models')} and {m.get('bound')} at alpha={m.get('alpha')}, "

@@ -35,7 +35,7 @@ from ..certify.regions import RegionStore
 from .rundir import RUN_FORMAT, RunDir, budget_trigger_norm, check_compatible, load_sigma, package_version
 from .lock import run_lock
 from ..report.certificates import write_certificates_csv
-from ..report.metrics import update_variants
+from ..report.metrics import split_metrics, update_variants
 from ..report.table import format_table, plot_certified_accuracy
 from ..core.seeding import derive_seed, generator
 from ..smoothing.sigma import SigmaSearch, optimize_sigma, sigma_stats
@@ -302,6 +302,16 @@ def stage_certify(p: Prepared, out: Path, method: str, ens: EnsembleDir, sigma: 
             rows, cfg.radii, triggered=yt is not None, applied=applied, conservative=mode == "paper")
         result["variants"]["storage_update"][split] = with_update
         result["variants"]["no_update"][split] = no_update
+        # The same votes under the other bound (arithmetic on them, no new model call), without the
+        # storage update: a new summary key beside the headline, which it leaves unchanged.
+        other = "clopper-pearson" if cfg.bound != "clopper-pearson" else "hoeffding"
+        oc = certify_votes(sub, sigma[split], bound=other, alpha=cfg.alpha, mode=mode,
+                           sigma_train_min=sigma_train_min)
+        other_rows = {"predict_raw": oc.predict, "radius_raw": oc.radius, "label": ys, "abstain": oc.abstain}
+        if yt is not None:
+            other_rows["target"] = yt
+        result.setdefault("other_bound", {"bound": other, "storage_update": False})[split] = split_metrics(
+            other_rows, cfg.radii, triggered=yt is not None, use_update=False, conservative=False)
         result["storage_update"][split] = counts
     su = result["storage_update"]
     su["trimmed"] = su["clean"]["trimmed"] + su["triggered"]["trimmed"]
