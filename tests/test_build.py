@@ -175,14 +175,16 @@ PHILOX_DRIVER = r"""
 #include <cstdio>
 #include "philox.h"
 using namespace certssb::philox;
-// Reads lines "c0 c1 c2 c3 k0 k1" (hex); prints x0..x3 (hex) and z0..z3 (%.17g).
+// Reads lines "c0 c1 c2 c3 k0 k1" (hex); prints x0..x3 (hex), then z0, z1 of box_muller2
+// and of box_muller2_poly (%.17g).
 int main() {
   unsigned c[4], k[2];
   while (std::scanf("%x %x %x %x %x %x", &c[0], &c[1], &c[2], &c[3], &k[0], &k[1]) == 6) {
     const U32x4 x = philox4x32_10(U32x4{{c[0], c[1], c[2], c[3]}}, Key{k[0], k[1]});
-    const Normal4 z = box_muller4(x);
+    const Normal2 z = box_muller2(x);
+    const Normal2 p = box_muller2_poly(x);
     std::printf("%08" PRIx32 " %08" PRIx32 " %08" PRIx32 " %08" PRIx32 " %.17g %.17g %.17g %.17g\n",
-                x.v[0], x.v[1], x.v[2], x.v[3], z.z[0], z.z[1], z.z[2], z.z[3]);
+                x.v[0], x.v[1], x.v[2], x.v[3], z.z[0], z.z[1], p.z[0], p.z[1]);
   }
   return 0;
 }
@@ -202,14 +204,11 @@ def philox_py(counter: tuple[int, ...], key: tuple[int, int]) -> tuple[int, ...]
 
 
 def box_muller_py(x: tuple[int, ...]) -> list[float]:
-    """The project's Box-Muller in float64: pairs (x0, x1), (x2, x3) -> (cos, sin) each."""
-    out = []
-    for a, b in ((x[0], x[1]), (x[2], x[3])):
-        u1 = (a + 1) * 2.0 ** -32
-        u2 = b * 2.0 ** -32
-        r = math.sqrt(-2.0 * math.log(u1))
-        out += [r * math.cos(2.0 * math.pi * u2), r * math.sin(2.0 * math.pi * u2)]
-    return out
+    """The project's Box-Muller in float64: 53-bit u1 from (x0, x1), u2 from (x2, x3) -> (cos, sin)."""
+    u1 = (((x[0] << 21) | (x[1] >> 11)) + 1) * 2.0 ** -53
+    u2 = ((x[2] << 21) | (x[3] >> 11)) * 2.0 ** -53
+    r = math.sqrt(-2.0 * math.log(u1))
+    return [r * math.cos(2.0 * math.pi * u2), r * math.sin(2.0 * math.pi * u2)]
 
 
 @pytest.fixture(scope="module")
@@ -246,17 +245,16 @@ def test_philox_and_box_muller_match_python_on_random_inputs(philox_binary: Path
     rng = random.Random(1234)
     cases = [(tuple(rng.getrandbits(32) for _ in range(4)), (rng.getrandbits(32), rng.getrandbits(32)))
              for _ in range(200)]
-    # Box-Muller edge words: u1 = 2^-32 (largest radius) and u1 = 1 (radius 0); u2 = 0.
+    # Box-Muller edge words: u1 = 2^-53 (largest radius) and u1 = 1 (radius 0); u2 = 0.
     cases += [((0, 0, 0, 0), (0, 0))]
     results = run_philox(philox_binary, cases)
     for (counter, key), (got, z) in zip(cases, results):
         assert got == philox_py(counter, key)
-        for zc, zp in zip(z, box_muller_py(got)):
+        for zc, zp in zip(z, box_muller_py(got) * 2):  # libm and polynomial versions
             assert math.isclose(zc, zp, rel_tol=1e-14, abs_tol=1e-14)
     # The conversion itself at its extremes.
-    extremes = box_muller_py((0, 0, MASK32, MASK32))
-    assert extremes[0] == pytest.approx(math.sqrt(64 * math.log(2)))  # r max, cos(0) = 1
-    assert extremes[1] == 0.0 and abs(extremes[2]) < 1e-4 and abs(extremes[3]) < 1e-4
+    assert box_muller_py((0, 0, 0, 0)) == pytest.approx([math.sqrt(106 * math.log(2)), 0.0])  # r max
+    assert box_muller_py((MASK32, MASK32, 0, 0)) == [0.0, 0.0]  # u1 = 1: radius 0
 
 
 def test_philox_header_matches_the_noise_reference(philox_binary: Path) -> None:
@@ -265,8 +263,8 @@ def test_philox_header_matches_the_noise_reference(philox_binary: Path) -> None:
         pytest.skip("certssb.smoothing.noise.normal not present")
     seed, stream, a, b, numel = 0x0123456789ABCDEF, 1, 7, 42, 10
     key = (seed & MASK32, seed >> 32)
-    cases = [((stream, a, b, blk), key) for blk in range((numel + 3) // 4)]
-    z = [v for _, zs in run_philox(philox_binary, cases) for v in zs][:numel]
+    cases = [((stream, a, b, blk), key) for blk in range((numel + 1) // 2)]
+    z = [v for _, zs in run_philox(philox_binary, cases) for v in zs[:2]][:numel]
     ref = noise.normal(seed, stream, a, b, numel, dtype=torch.float64)
     torch.testing.assert_close(ref, torch.tensor(z, dtype=torch.float64), rtol=0, atol=1e-12)
 

@@ -47,8 +47,8 @@ def test_normals_themselves_match_the_definition():
     ref = normal(7, 3, torch.tensor([[(1 << 32) - 2], [(1 << 32) - 1]]),
                  torch.tensor([[5, (1 << 32) - 1]]), d, dtype=torch.float64)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
-    # Extreme tails are reproduced too (|z| up to 6.66 by construction).
-    assert out.abs().max() < 6.7
+    # Tails are reproduced too (|z| up to 8.57 by construction, u1 having 53 bits).
+    assert out.abs().max() < 8.6
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float16, 1e-2), (torch.bfloat16, 5e-2)])

@@ -1,4 +1,6 @@
 """Noise streams: Philox known answers, purity (batching/chunking invariance), statistics."""
+import math
+
 import pytest
 import torch
 from scipy import stats
@@ -22,18 +24,42 @@ def test_philox_known_answers(ctr, key, expected):
 
 
 def test_box_muller_definition():
-    # element e of (seed, stream, a, b) is output e % 4 of the Philox call on counter e // 4
+    # element e of (seed, stream, a, b) is output e % 2 (cos, sin) of the pair made by the
+    # Philox call on counter e // 2; u1 and u2 take 53 bits of two words each
     seed, stream, a, b = 1234567890123, int(Stream.TRAIN), 7, 11
-    z = normal(seed, stream, a, b, 8, dtype=torch.float64)
+    z = normal(seed, stream, a, b, 7, dtype=torch.float64)  # odd: the last pair is cut
     import math
-    for ctr in range(2):
+    expect = []
+    for ctr in range(4):
         x = [int(v) for v in philox4x32(seed, *[torch.tensor(v) for v in (stream, a, b, ctr)])]
-        expect = []
-        for p, q in ((x[0], x[1]), (x[2], x[3])):
-            r = math.sqrt(-2 * math.log((p + 1) * 2.0 ** -32))
-            t = 2 * math.pi * q * 2.0 ** -32
-            expect += [r * math.cos(t), r * math.sin(t)]
-        assert torch.allclose(z[4 * ctr:4 * ctr + 4], torch.tensor(expect, dtype=torch.float64), atol=1e-12)
+        u1 = (((x[0] << 21) | (x[1] >> 11)) + 1) * 2.0 ** -53
+        u2 = ((x[2] << 21) | (x[3] >> 11)) * 2.0 ** -53
+        r = math.sqrt(-2 * math.log(u1))
+        expect += [r * math.cos(2 * math.pi * u2), r * math.sin(2 * math.pi * u2)]
+    assert torch.allclose(z, torch.tensor(expect[:7], dtype=torch.float64), atol=1e-12)
+
+
+def test_u1_has_53_bits_and_is_never_zero():
+    # u1 = (k + 1) 2^-53 with k the top 53 bits of x0:x1: finer than 2^-32 (the old 32-bit
+    # u1 capped |z| at 6.66 and lost 2^-32 of Gaussian mass per pair), and never 0.
+    from certssb.noise import _uniform53
+    words = torch.tensor([0, 0, 0, 1 << 11, M32, M32, 0x80000000, 0x7FF], dtype=torch.int64)
+    hi, lo = words[0::2], words[1::2]
+    u1 = _uniform53(hi, lo, open_at_zero=True)
+    assert u1.tolist() == [2.0 ** -53, 2.0 ** -52, 1.0, 0.5 + 2.0 ** -53]
+    u2 = _uniform53(hi, lo, open_at_zero=False)
+    assert u2.tolist() == [0.0, 2.0 ** -53, 1.0 - 2.0 ** -53, 0.5]
+
+
+def test_tails_beyond_the_32_bit_cap_are_drawn():
+    # By construction: the Box-Muller pair of words (x0, x1) = (0, small) has u1 < 2^-32, so
+    # the radius exceeds sqrt(-2 ln 2^-32) = 6.66, which the old 32-bit u1 could never give.
+    from certssb.noise import _box_muller
+    z0, z1 = _box_muller(*[torch.tensor([w]) for w in (0, 1 << 11, 0, 0)])
+    assert float(z0) == pytest.approx((-2 * math.log(2.0 * 2.0 ** -53)) ** 0.5) and float(z0) > 6.7
+    assert float(z1) == 0.0
+    zmax, _ = _box_muller(*[torch.tensor([w]) for w in (0, 0, 0, 0)])
+    assert float(zmax) == pytest.approx(math.sqrt(106 * math.log(2)))  # ~ 8.57, the cap now
 
 
 def test_same_values_whatever_the_batching():

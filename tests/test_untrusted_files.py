@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from certssb.runner import rundir
+from certssb.runner.rundir import RUN_FORMAT
 from certssb import RegionStore, RunConfig, load_task
 from certssb.cli import main
 from certssb.smoothing.ensemble import EnsembleDir, EnsembleSpec, load_user_model, load_user_weights, model_file
@@ -323,7 +324,7 @@ def _run_dir_with_sigma(tmp_path: Path, sigma: bytes | None) -> Path:
     and (if given) the bytes of sigma.safetensors; no models."""
     out = tmp_path / "run"
     cfg = RunConfig(method="cert-ssb", models=2, epochs=1, max_train=100, max_test=20, out=str(out))
-    atomic_write_json(out / "config.json", {"format": 1, "certssb": "0.0.1", "config": cfg.to_dict()})
+    atomic_write_json(out / "config.json", {"format": RUN_FORMAT, "certssb": "0.0.1", "config": cfg.to_dict()})
     atomic_write_json(out / "no_defense.json", {"fingerprint": "x", "metrics": {}})
     if sigma is not None:
         (out / "sigma.safetensors").write_bytes(sigma)

@@ -38,7 +38,8 @@ from .config import RunConfig
 
 # On-disk layout of a run directory. Bump it when files change meaning; it also keys
 # every stage's fingerprint (certssb.runner.pipeline), so a bump retrains everything.
-RUN_FORMAT = 1
+# 2: Gaussian noise from 53-bit uniforms (one Philox call per pair of normals).
+RUN_FORMAT = 2
 
 
 def package_version() -> str:

@@ -8,23 +8,24 @@ is regenerated where it is used.
 Definition (the native kernels implement exactly the same):
 
 * Philox4x32-10 (Salmon et al., SC 2011), key (k0, k1) = (low, high) 32 bits of
-  the 64-bit seed, counter (c0, c1, c2, c3) = (stream, a, b, element // 4).
+  the 64-bit seed, counter (c0, c1, c2, c3) = (stream, a, b, element // 2).
   Round: with multipliers M0 = 0xD2511F53, M1 = 0xCD9E8D57,
   hi0:lo0 = M0 * c0, hi1:lo1 = M1 * c2,
   (c0, c1, c2, c3) <- (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0),
   then the key is bumped by (0x9E3779B9, 0xBB67AE85); 10 rounds.
-* Box-Muller on the four uint32 outputs (x0, x1, x2, x3): pairs (x0, x1) and
-  (x2, x3); for a pair (p, q): u1 = (p + 1) * 2^-32 in (0, 1],
-  u2 = q * 2^-32 in [0, 1), in float64: r = sqrt(-2 ln u1),
-  z = (r cos(2 pi u2), r sin(2 pi u2)). Element e takes output e % 4 of
-  (z0, z1, z2, z3) = (cos, sin) of the first pair, then of the second. The cast
-  to the output dtype comes last.
+* Box-Muller on the four uint32 outputs (x0, x1, x2, x3) of one call, each
+  uniform from 53 bits of two words, k(hi, lo) = hi * 2^21 + (lo >> 11):
+  u1 = (k(x0, x1) + 1) * 2^-53 in (0, 1], u2 = k(x2, x3) * 2^-53 in [0, 1),
+  in float64: r = sqrt(-2 ln u1), z = (r cos(2 pi u2), r sin(2 pi u2)).
+  Element e takes z[e % 2] (cos for even e, sin for odd) of counter e // 2.
+  The cast to the output dtype comes last.
 * Streams: BASE (a = epoch, b = sample index; the base model's training noise),
   TRAIN (a = model k, b = training sample index), TEST (a = model k, b = 0,
   shared by all test inputs), SIGMA (a = gradient-ascent step, b = sample id;
   see `sample_ids`).
 
-The 32-bit uniforms cap |z| at sqrt(-2 ln 2^-32) ~ 6.66, harmless here.
+u1's 2^-53 resolution caps |z| at sqrt(-2 ln 2^-53) ~ 8.57: each pair loses at most
+2^-53 of Gaussian mass (docs/THEORY.md sections 7 and 8).
 This module is the pure-PyTorch reference; `noisy_copies` dispatches to the
 fused native kernel (`certssb.kernels.noise`) unless the reference backend is
 asked for.
@@ -97,9 +98,20 @@ def philox4x32(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor,
     return c0, c1, c2, c3
 
 
-def _box_muller(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    u1 = (p.double() + 1.0) * 2.0 ** -32
-    u2 = q.double() * 2.0 ** -32
+def _bits53(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """hi * 2^21 + (lo >> 11): the top 53 bits of the 64-bit word hi:lo, as int64 (exact)."""
+    return (hi << 21) | (lo >> 11)
+
+
+def _uniform53(hi: torch.Tensor, lo: torch.Tensor, *, open_at_zero: bool) -> torch.Tensor:
+    """k(hi, lo) * 2^-53 in [0, 1), or (k + 1) * 2^-53 in (0, 1] (never 0) with open_at_zero."""
+    return (_bits53(hi, lo) + int(open_at_zero)).double() * 2.0 ** -53
+
+
+def _box_muller(x0: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor,
+                x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    u1 = _uniform53(x0, x1, open_at_zero=True)
+    u2 = _uniform53(x2, x3, open_at_zero=False)
     r = torch.sqrt(-2.0 * torch.log(u1))
     theta = (2.0 * math.pi) * u2
     return r * torch.cos(theta), r * torch.sin(theta)
@@ -122,7 +134,7 @@ def normal(seed: int, stream: int, a: torch.Tensor | int, b: torch.Tensor | int,
                         or int(b_t.min()) < 0 or int(b_t.max()) > _MASK32):
         raise CertssbError("noise indices a and b must lie in [0, 2^32)")
     shape = tuple(a_t.shape)
-    n_ctr = (numel + 3) // 4
+    n_ctr = (numel + 1) // 2
     if numel == 0 or a_t.numel() == 0:
         return torch.empty(shape + (numel,), dtype=dtype, device=device)
     ctr = torch.arange(n_ctr, dtype=torch.int64, device=device)
@@ -130,9 +142,8 @@ def normal(seed: int, stream: int, a: torch.Tensor | int, b: torch.Tensor | int,
         seed,
         torch.full((), int(stream), dtype=torch.int64, device=device),
         a_t.reshape(-1, 1), b_t.reshape(-1, 1), ctr.reshape(1, -1))
-    z0, z1 = _box_muller(x0, x1)
-    z2, z3 = _box_muller(x2, x3)
-    z = torch.stack((z0, z1, z2, z3), dim=-1).reshape(a_t.numel(), n_ctr * 4)[:, :numel]
+    z0, z1 = _box_muller(x0, x1, x2, x3)
+    z = torch.stack((z0, z1), dim=-1).reshape(a_t.numel(), n_ctr * 2)[:, :numel]
     return z.to(dtype).reshape(shape + (numel,))
 
 

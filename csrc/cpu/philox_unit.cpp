@@ -1,6 +1,6 @@
 // philox_unit.cpp: compiles csrc/philox.h into every build and checks it at
 // compile time against the Random123 known-answer vectors, so a broken
-// Philox can never ship (the noise kernels that use it come later).
+// Philox (or 53-bit uniform mapping) can never ship (the noise kernels that use it come later).
 #include "../philox.h"
 
 namespace certssb {
@@ -25,6 +25,11 @@ static_assert(equals(philox4x32_10(U32x4{{0x243f6a88u, 0x85a308d3u,
                                    Key{0xa4093822u, 0x299f31d0u}),
                      0xd16cfe09u, 0x94fdccebu, 0x5001e420u, 0x24126ea1u),
               "Philox4x32-10 known-answer test (pi digits) failed");
+static_assert(bits53(0u, 0u) == 0u && bits53(0u, 0x800u) == 1u &&
+                  bits53(0xffffffffu, 0xffffffffu) == (uint64_t{1} << 53) - 1 &&
+                  bits53(0x80000000u, 0x7ffu) == (uint64_t{1} << 52),
+              "bits53 must take the top 53 bits of hi:lo (Box-Muller's uniforms)");
+static_assert(horner(2.0, 1.0, -3.0, 5.0) == 3.0, "horner: 1 x^2 - 3 x + 5 at x = 2");
 static_assert(split_seed(0x0123456789abcdefull).k0 == 0x89abcdefu &&
                   split_seed(0x0123456789abcdefull).k1 == 0x01234567u,
               "split_seed must put the low word in k0");

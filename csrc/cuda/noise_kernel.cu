@@ -46,7 +46,7 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(flo
   return __float2bfloat16(v);
 }
 
-// Threads along x cover the Philox blocks of a row (4 consecutive elements
+// Threads along x cover the Philox blocks of a row (2 consecutive elements
 // each); grid rows along y cover the rows (k, b), striding when there are more
 // than the grid has. (k, b) advance by carries, not division: 64-bit division
 // costs dozens of instructions on the GPU, and this kernel runs near memory speed.
@@ -56,10 +56,10 @@ __global__ void noise_kernel(const T* __restrict__ x, const typename Acc<T>::typ
                              int64_t B, int64_t D, uint64_t seed, uint32_t stream, uint32_t k0) {
   using acc = typename Acc<T>::type;
   const philox::Key key = philox::split_seed(seed);
-  const int64_t nblk = (D + 3) / 4;
+  const int64_t nblk = (D + 1) / 2;
   const int64_t blk = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (blk >= nblk) return;
-  const int64_t e0 = blk * 4;
+  const int64_t e0 = blk * 2;
   const int64_t dk = gridDim.y / B, db = gridDim.y % B;  // the row stride as (models, inputs)
   int64_t k = blockIdx.y / B, b = blockIdx.y % B;
   for (int64_t row = blockIdx.y; row < K * B; row += gridDim.y, k += dk, b += db) {
@@ -67,7 +67,7 @@ __global__ void noise_kernel(const T* __restrict__ x, const typename Acc<T>::typ
       b -= B;
       k += 1;
     }
-    const philox::Normal4 z = philox::box_muller4_poly(philox::philox4x32_10(
+    const philox::Normal2 z = philox::box_muller2_poly(philox::philox4x32_10(
         philox::make_counter(stream, k0 + static_cast<uint32_t>(k),
                              static_cast<uint32_t>(ids[b]), static_cast<uint32_t>(blk)),
         key));
@@ -75,7 +75,7 @@ __global__ void noise_kernel(const T* __restrict__ x, const typename Acc<T>::typ
     const T* xr = x + b * D + e0;
     T* outr = out + row * D + e0;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < 2; ++j) {
       if (e0 + j < D) {
         const acc eps = to_acc<T>(from_double<T>(z.z[j]));  // cast to dtype first
         outr[j] = from_acc<T>(to_acc<T>(xr[j]) + s * eps);
@@ -93,21 +93,21 @@ __global__ void noise_sigma_grad_kernel(const T* __restrict__ grad, const int64_
                                         uint32_t k0) {
   __shared__ double partial[kThreads];
   const philox::Key key = philox::split_seed(seed);
-  const int64_t nblk = (D + 3) / 4;
+  const int64_t nblk = (D + 1) / 2;
   for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
     const uint32_t id = static_cast<uint32_t>(ids[b]);
     double total = 0.0;
     for (int64_t i = threadIdx.x; i < K * nblk; i += blockDim.x) {
       const int64_t k = i / nblk;
       const int64_t blk = i - k * nblk;
-      const philox::Normal4 z = philox::box_muller4_poly(philox::philox4x32_10(
+      const philox::Normal2 z = philox::box_muller2_poly(philox::philox4x32_10(
           philox::make_counter(stream, k0 + static_cast<uint32_t>(k), id,
                                static_cast<uint32_t>(blk)),
           key));
-      const T* gr = grad + (k * B + b) * D + blk * 4;
+      const T* gr = grad + (k * B + b) * D + blk * 2;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        if (blk * 4 + j < D) {
+      for (int j = 0; j < 2; ++j) {
+        if (blk * 2 + j < D) {
           total += static_cast<double>(to_acc<T>(gr[j])) *
                    static_cast<double>(to_acc<T>(from_double<T>(z.z[j])));
         }
@@ -129,7 +129,7 @@ template <typename T>
 cudaError_t noise_typed(const void* x, const void* sigma, const int64_t* ids, void* out, int64_t K,
                         int64_t B, int64_t D, uint64_t seed, uint32_t stream, uint32_t k0,
                         cudaStream_t s) {
-  const int64_t nblk = (D + 3) / 4;
+  const int64_t nblk = (D + 1) / 2;
   const int64_t rows = K * B;
   if (rows == 0 || nblk == 0) return cudaSuccess;
   // Narrow rows (small D) get narrow thread blocks, so few threads idle at a row's end.
