@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from ..errors import CertssbError
 from .base import Trigger
-from .registry import is_int, is_real
+from .registry import additive_trigger_names, is_int, is_real
 
 
 def measured_l2(x_clean: torch.Tensor, x_triggered: torch.Tensor) -> dict:
@@ -30,9 +31,24 @@ def measured_l2(x_clean: torch.Tensor, x_triggered: torch.Tensor) -> dict:
         )
     if x_clean.dim() < 1 or x_clean.shape[0] == 0:
         raise CertssbError("measured_l2 needs at least one sample")
-    diff = x_triggered.detach().to(torch.float64) - x_clean.detach().to(torch.float64)
-    norms = diff.reshape(diff.shape[0], -1).norm(dim=1)
+    norms = row_l2(x_clean, x_triggered)
     return {"mean": float(norms.mean()), "min": float(norms.min()), "max": float(norms.max())}
+
+
+def row_l2(x_clean: torch.Tensor, x_triggered: torch.Tensor) -> torch.Tensor:
+    """float64 [N]: ``||x_triggered[i] - x_clean[i]||_2`` of each sample (same shapes [N, ...])."""
+    diff = x_triggered.detach().to(torch.float64) - x_clean.detach().to(torch.float64)
+    return diff.reshape(diff.shape[0], -1).norm(dim=1)
+
+
+def input_trigger_norms(trigger: Trigger, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The L2 norm of the trigger each test input would carry, float64 [N], for the poison budget;
+    None for an additive trigger (its nominal norm bounds every measured one: clipping only
+    shrinks it). A patch or a blend changes each image by a different amount, so a test image
+    can carry a larger trigger than any poisoned training image (docs/THEORY.md section 9)."""
+    if trigger.name in additive_trigger_names():
+        return None
+    return row_l2(x, trigger.apply(x))
 
 
 @dataclass

@@ -14,6 +14,8 @@ and the certificate abstains when pA_lower <= 1/2.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import math
 import numbers
 
@@ -186,18 +188,21 @@ def conservative_radius(pa_lower: Tensor, sigma_x: Tensor | float, sigma_train_m
     return certified_radius(pa, sig)[0]
 
 
-def poison_budget(radius: Tensor, delta: float) -> Tensor:
+def poison_budget(radius: Tensor, delta: float, test_norm: Optional[Tensor] = None) -> Tensor:
     """Number of poisoned training samples a certificate covers for a trigger of L2 norm delta.
 
-    The joint perturbation of r poisoned training inputs plus the test input has norm
-    delta * sqrt(r + 1); it is covered when delta * sqrt(r + 1) < radius (strict). Returns the
-    largest integer r >= 0 with that property, and -1 where even r = 0 fails (radius <= delta).
-    Evaluated exactly in float64 (the closed form r < (radius / delta)^2 - 1 is corrected by
-    direct checks of the defining inequality, so equality is never counted).
+    The joint perturbation of r poisoned training inputs (each trigger of norm at most delta)
+    plus the test input's trigger (norm t) has norm sqrt(r delta^2 + t^2); it is covered when
+    that is < radius (strict). Returns the largest integer r >= 0 with that property, and -1
+    where even r = 0 fails (radius <= t). Without `test_norm`, t = delta (an additive trigger,
+    whose nominal norm bounds every image's). Evaluated exactly in float64 (the closed form
+    is corrected by direct checks of the defining inequality, so equality is never counted).
 
     Args:
         radius: finite radii >= 0, any shape.
-        delta: trigger norm > 0.
+        delta: the largest trigger norm of a poisoned training input, > 0.
+        test_norm: the norm of each test input's own trigger (radius's shape), finite, >= 0;
+            a patch or a blend changes each image by a different amount (docs/THEORY.md section 9).
     Returns:
         int64 tensor of radius's shape and device.
     """
@@ -211,6 +216,8 @@ def poison_budget(radius: Tensor, delta: float) -> Tensor:
     r64 = _as_tensor(radius, "radius").to(torch.float64)
     if r64.numel() and not bool((torch.isfinite(r64) & (r64 >= 0)).all()):
         raise CertssbError("radius must be finite and >= 0; compute it with certified_radius()")
+    if test_norm is not None:
+        return _budget_with_test_norm(r64, delta, test_norm)
     q = (r64 / delta).square().clamp(max=2.0**52)
     # First guess: the largest integer r with r + 1 < q is ceil(q) - 2.
     r = torch.ceil(q) - 2.0
@@ -223,6 +230,28 @@ def poison_budget(radius: Tensor, delta: float) -> Tensor:
         r = torch.where(more, r + 1.0, r)
     return r.to(torch.int64)
 
+
+
+def _budget_with_test_norm(r64: Tensor, delta: float, test_norm: Tensor) -> Tensor:
+    """poison_budget with each row's own test-trigger norm t: largest r with r delta^2 + t^2 < R^2."""
+    t = _as_tensor(test_norm, "test_norm").to(device=r64.device, dtype=torch.float64)
+    if t.shape != r64.shape:
+        raise CertssbError(f"test_norm must have the radius's shape {list(r64.shape)}, got {list(t.shape)}")
+    if t.numel() and not bool((torch.isfinite(t) & (t >= 0)).all()):
+        raise CertssbError("test_norm (each test input's trigger norm) must be finite and >= 0")
+    d2 = delta * delta
+
+    def covered(r: Tensor) -> Tensor:
+        return torch.sqrt(r * d2 + t * t) < r64
+
+    q = ((r64.square() - t.square()) / d2).clamp(min=-1.0, max=2.0**52)
+    r = (torch.ceil(q) - 1.0).clamp(min=-1.0)  # first guess: the largest integer below q
+    for _ in range(2):
+        bad = (r >= 0) & ~covered(r.clamp(min=0.0))
+        r = torch.where(bad, r - 1.0, r)
+        more = covered(r + 1.0)
+        r = torch.where(more, r + 1.0, r)
+    return r.to(torch.int64)
 
 def radius_proxy(mean_probs: Tensor, sigma: Tensor | float,
                  clamp: tuple[float, float] = (0.02, 0.98)) -> Tensor:

@@ -65,6 +65,9 @@ class Votes:
     soft_units: torch.Tensor  # [B, C] int64: sum over models of round(softmax * 2^40)
     hard_count: torch.Tensor  # [B, C] int64: number of models whose argmax is each class
     models: int = 0
+    # The dtype the noise was scaled in (sigma cast to the inputs' dtype): the sigma the
+    # certificate must use is sigma rounded to it (`certify_votes`).
+    noise_dtype: torch.dtype = torch.float32
 
     @classmethod
     def zeros(cls, batch: int, num_classes: int, device: torch.device | str = "cpu") -> "Votes":
@@ -104,7 +107,7 @@ class Votes:
 
     def rows(self, start: int, stop: int) -> "Votes":
         """The accumulators of inputs [start, stop) (views, same model count)."""
-        return Votes(self.soft_units[start:stop], self.hard_count[start:stop], self.models)
+        return Votes(self.soft_units[start:stop], self.hard_count[start:stop], self.models, self.noise_dtype)
 
 
 @dataclass
@@ -160,6 +163,7 @@ def collect_votes(models: Iterable, x: torch.Tensor, sigma: torch.Tensor, *, see
     elif tuple(votes.soft_units.shape) != (n, num_classes) or votes.soft_units.device.type != "cpu":
         raise CertssbError(f"votes to continue must be CPU accumulators of shape [{n}, {num_classes}], got "
                            f"{list(votes.soft_units.shape)} on {votes.soft_units.device}")
+    votes.noise_dtype = x.dtype  # the noise below is scaled by sigma cast to x's dtype
     for pos, item in enumerate(models):
         ks, forward = _as_group(item, pos, memory_format(x))
         parts = _cpu_chunks(ks, forward, tuple(x.shape[1:]), batch_size, device)
@@ -347,7 +351,8 @@ def certify_votes(votes: Votes, sigma: torch.Tensor, *, bound: str = "hoeffding"
     m = votes.models
     c = votes.soft_units.shape[1]
     by_count = spec.statistic == HARD
-    sigma64 = sigma.double().cpu()
+    # certify with the sigma the noise was drawn with: sigma rounded to the votes' noise dtype
+    sigma64 = sigma.to(votes.noise_dtype).double().cpu()
     if use_native("radius_certify", votes.soft_units.device, backend=backend) and spec.kernel is not None:
         cls, units, counts = vote_top2(votes.soft_units, votes.hard_count, by_count=by_count)
         top_cls = cls[:, 0].cpu()

@@ -56,10 +56,13 @@ def split_metrics(rows: Mapping[str, torch.Tensor], radii: Sequence[float], *, t
     out["abstain_rate"] = int(abstain.sum()) / n
     out["certified_accuracy"] = certified_accuracy(correct, abstain, radius, radii)
     if conservative:
-        cons = rows["radius_conservative"]
-        if use_update:  # the update can only shrink a region: scale the conservative radius alike
-            cons = torch.minimum(cons, radius)
-        out["certified_accuracy_conservative"] = certified_accuracy(correct, abstain, cons, radii)
+        # The conservative radius certifies the prediction before the storage update. The update
+        # cannot be applied to it: an `align` replaces label and radius by an earlier input's
+        # ball, and that ball's conservative radius is not kept (docs/THEORY.md section 6). So
+        # the conservative curve is always the one without the update, in both variants.
+        correct_raw = rows["predict_raw"] == label
+        out["certified_accuracy_conservative"] = certified_accuracy(correct_raw, abstain,
+                                                                   rows["radius_conservative"], radii)
     out["mean_radius"] = float(torch.where(correct & ~abstain, radius, torch.zeros_like(radius)).sum()) / n
     return out
 

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..attacks import make_trigger, poison_training_set, triggered_test_set
+from ..attacks import input_trigger_norms, make_trigger, poison_training_set, triggered_test_set
 from ..certify.bounds import certified_radius, pa_lower, poison_budget
 from ..certify.votes import VoteCheckpoint, certify_votes, collect_votes
 from .config import RunConfig, resolve_device
@@ -85,10 +85,7 @@ def prepare(cfg: RunConfig, log: Callable[[str], None]) -> Prepared:
             raise CertssbError(f"--target {target} is not one of the task's classes {task.classes}; "
                                f"pick one of them")
         target_label = task.classes.index(target)
-    trigger = make_trigger(cfg.trigger, cfg.delta, tuple(task.image_shape),
-                           seed=derive_seed(cfg.seed, "trigger") % (2 ** 31),
-                           pixel=tuple(cfg.trigger_pixel) if cfg.trigger_pixel else None,
-                           options=cfg.trigger_options)
+    trigger = build_trigger(cfg, tuple(task.image_shape))
     poisoned = poison_training_set(task.x_train, task.y_train, trigger, rate=cfg.poison_rate,
                                    target=target_label, all_to_all=cfg.all_to_all,
                                    num_classes=task.num_classes, seed=derive_seed(cfg.seed, "poison"))
@@ -105,6 +102,12 @@ def prepare(cfg: RunConfig, log: Callable[[str], None]) -> Prepared:
                     target_label, cfg.all_to_all, cfg.seed, poisoned.x, poisoned.y)
     return Prepared(cfg, task, trigger, poisoned, triggered, target_label, arch, schedule, data_fp,
                     resolve_device(cfg.device))
+
+
+def build_trigger(cfg: RunConfig, image_shape: tuple[int, int, int]):
+    """The run's trigger (its random parts seeded from the run's seed): the same in every command."""
+    return make_trigger(cfg.trigger, cfg.delta, image_shape, seed=derive_seed(cfg.seed, "trigger") % (2 ** 31),
+                        pixel=tuple(cfg.trigger_pixel) if cfg.trigger_pixel else None, options=cfg.trigger_options)
 
 
 def _new_model(p: Prepared, purpose: str) -> torch.nn.Module:
@@ -245,6 +248,10 @@ def stage_certify(p: Prepared, out: Path, method: str, ens: EnsembleDir, sigma: 
     t0 = time.perf_counter()
     splits = {"clean": (p.task.x_test, p.task.y_test, None, torch.arange(p.task.x_test.shape[0])),
               "triggered": (p.triggered.x, p.triggered.y_true, p.triggered.y_target, p.triggered.idx)}
+    # the trigger each test input carries, for the poison budget (None: the nominal norm of an
+    # additive trigger); a triggered input carries exactly the trigger of its clean original
+    test_norms = input_trigger_norms(p.trigger, p.task.x_test)
+    test_norms = {"clean": test_norms, "triggered": None if test_norms is None else test_norms[p.triggered.idx]}
     x_all = torch.cat([s[0] for s in splits.values()])
     sigma_all = torch.cat([sigma[name] for name in splits])
     # A killed certification continues voting where it stopped (single process: under torchrun
@@ -296,7 +303,7 @@ def stage_certify(p: Prepared, out: Path, method: str, ens: EnsembleDir, sigma: 
         applied = result["storage_update"]["applied"]
         # The CSV always holds both: predict/radius after the storage update, *_raw before it;
         # summary["methods"][m]["storage_update"]["applied"] says which one the headline uses.
-        rows["poison_budget"] = poison_budget(rows["radius"], norm)
+        rows["poison_budget"] = poison_budget(rows["radius"], norm, test_norms[split])
         write_certificates_csv(out / f"certificates-{method}-{split}.csv", rows, kinds)
         with_update, no_update, result[split] = update_variants(
             rows, cfg.radii, triggered=yt is not None, applied=applied, conservative=mode == "paper")

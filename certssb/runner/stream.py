@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 import torch
 
+from ..attacks import input_trigger_norms
 from ..certify.bounds import poison_budget
 from ..certify.region_file import UPDATE_KINDS
 from ..certify.regions import RegionStore
@@ -101,7 +102,7 @@ class RunCertifier:
                  bound: Optional[str] = None, alpha: Optional[float] = None, device: Optional[str] = None,
                  backend: Optional[str] = None, eval_batch_size: Optional[int] = None,
                  keep_models: Optional[bool] = None, log: Optional[Callable[[str], None]] = None) -> None:
-        from .pipeline import sigma_search
+        from .pipeline import build_trigger, sigma_search
 
         log = log or (lambda s: None)
         rundir = RunDir.open(run_dir, {"bound": bound, "alpha": alpha, "device": device, "backend": backend,
@@ -132,6 +133,7 @@ class RunCertifier:
         else:
             self.sigma_train_min = float(cfg.sigma0)
         self.trigger_norm = rundir.trigger_norm()
+        self.trigger = build_trigger(cfg, self.image_shape)  # each input's own trigger norm: poison budget
         weights = 4 * count_parameters(build_model(spec.arch, spec.in_channels, spec.num_classes, spec.image_size))
         self.model_bytes = weights * spec.models
         if keep_models is None:
@@ -366,7 +368,7 @@ def _certify_chunk(run: RunCertifier, x: torch.Tensor, y: Optional[torch.Tensor]
         t["predict"], t["radius"] = t["predict_raw"].clone(), t["radius_raw"].clone()
         t["region_update"] = torch.full((n,), -1, dtype=torch.int8)
         t["query_order"] = torch.full((n,), -1, dtype=torch.int64)
-    t["poison_budget"] = poison_budget(t["radius"], run.trigger_norm)
+    t["poison_budget"] = poison_budget(t["radius"], run.trigger_norm, input_trigger_norms(run.trigger, x))
     info = {"format": CHUNK_FORMAT, "version": FORMAT_VERSION, "index": index, "start": start, "n": n,
             "job_sha256": job_sha, "inputs_sha256": in_sha, "stored": stored, "counts": counts,
             "content_sha256": content_sha256(t)}
