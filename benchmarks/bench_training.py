@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name as _device_name  # noqa: E402  (one definition for all benchmarks)
+from common import device_name as _device_name, print_table, result  # noqa: E402  (shared by all benchmarks)
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -231,10 +231,10 @@ def main(argv=None) -> dict:
     noise_s = statistics.median(noise_times)
     per_vec_no_noise = _scale(vec_t, 1 / mc, shift=-noise_s)
     results = [
-        _row(f"train {arch}: s per model (Mc={mc}, incl. noise draw)", per_vec, "serial RAB-style loop",
+        result(f"train {arch}: s per model (Mc={mc}, incl. noise draw)", per_vec, "serial RAB-style loop",
              per_serial, f"{3600 / per_vec['median']:.0f} models/h vs {3600 / per_serial['median']:.0f}",
              models_per_hour=3600 / per_vec["median"], baseline_models_per_hour=3600 / per_serial["median"]),
-        _row(f"train {arch}: s per model (Mc={mc}, excl. noise draw)", per_vec_no_noise, "serial RAB-style loop",
+        result(f"train {arch}: s per model (Mc={mc}, excl. noise draw)", per_vec_no_noise, "serial RAB-style loop",
              per_serial, f"{3600 / per_vec_no_noise['median']:.0f} models/h",
              models_per_hour=3600 / per_vec_no_noise["median"]),
     ]
@@ -256,7 +256,7 @@ def main(argv=None) -> dict:
     (cert_fast, v_fast), (cert_base, v_base) = timed([certify_group, certify_one_by_one], device, repeats)
     agree = float((v_fast.hard_count == v_base.hard_count).all(1).double().mean())
     work = xt.shape[0] * mc
-    results.append(_row(f"certify {xt.shape[0]} inputs x {mc} models", cert_fast, "one model at a time", cert_base,
+    results.append(result(f"certify {xt.shape[0]} inputs x {mc} models", cert_fast, "one model at a time", cert_base,
                         f"{work / cert_fast['median']:.0f} vs {work / cert_base['median']:.0f} inputs*models/s",
                         inputs_models_per_s=work / cert_fast["median"],
                         baseline_inputs_models_per_s=work / cert_base["median"], vote_agreement=agree))
@@ -271,7 +271,7 @@ def main(argv=None) -> dict:
                          "threads": torch.get_num_threads(), "load_average_start": load_start,
                          "load_average_end": list(os.getloadavg()),
                          "noise_backend": _noise_backend()}}
-    _print_table(results)
+    print_table(results, unit="s", case_width=58, baseline_width=24)
     if args.json:
         _write(args.json, json.dumps(data, indent=2) + "\n")
     if not smoke or args.md:
@@ -283,22 +283,6 @@ def main(argv=None) -> dict:
 
 def _scale(t: dict, factor: float, shift: float = 0.0) -> dict:
     return {k: ((v + shift) * factor if k != "n" else v) for k, v in t.items()}
-
-
-def _row(case, fast, baseline, base, throughput, **extra) -> dict:
-    return {"case": case, "fast_s": fast["median"], "fast_spread": [fast["min"], fast["max"]],
-            "baseline": baseline, "baseline_s": base["median"], "baseline_spread": [base["min"], base["max"]],
-            "speedup": base["median"] / fast["median"] if fast["median"] > 0 else float("inf"),
-            "throughput": throughput, **extra}
-
-
-def _print_table(results) -> None:
-    head = f"{'case':58s} {'fast':>10s} {'baseline':24s} {'base':>10s} {'speedup':>8s}  throughput"
-    print(head)
-    print("-" * len(head))
-    for r in results:
-        print(f"{r['case']:58s} {r['fast_s']:9.3f}s {r['baseline']:24s} {r['baseline_s']:9.3f}s "
-              f"{r['speedup']:7.2f}x  {r['throughput']}")
 
 
 def _build_info() -> dict:

@@ -81,13 +81,18 @@ def result(case: str, fast: dict, baseline: str, base: dict, throughput: str, **
             "throughput": throughput, **extra}
 
 
-def print_table(results: list[dict]) -> None:
-    head = f"{'case':44s} {'fast':>10s} {'baseline':28s} {'base':>10s} {'speedup':>8s}  throughput"
+def print_table(results: list[dict], *, unit: str = "ms", case_width: int = 44, baseline_width: int = 28) -> None:
+    """The rows of `result` as a table; times in ms (9 columns with the unit) or s (10 columns)."""
+    head = f"{'case':{case_width}s} {'fast':>10s} {'baseline':{baseline_width}s} {'base':>10s} {'speedup':>8s}  throughput"
     print(head)
     print("-" * len(head))
+
+    def t(seconds: float) -> str:
+        return f"{seconds * 1e3:8.2f}ms" if unit == "ms" else f"{seconds:9.3f}s"
+
     for r in results:
-        print(f"{r['case']:44s} {r['fast_s'] * 1e3:8.2f}ms {r['baseline']:28s} "
-              f"{r['baseline_s'] * 1e3:8.2f}ms {r['speedup']:7.2f}x  {r['throughput']}")
+        print(f"{r['case']:{case_width}s} {t(r['fast_s'])} {r['baseline']:{baseline_width}s} "
+              f"{t(r['baseline_s'])} {r['speedup']:7.2f}x  {r['throughput']}")
 
 
 def write_json(path: str | None, data: dict) -> None:

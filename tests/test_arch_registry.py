@@ -87,7 +87,7 @@ def test_registered_toy_arch_is_buildable_and_accepted(toy_arch: str) -> None:
 
 
 def test_unknown_arch_lists_the_registered_ones() -> None:
-    with pytest.raises(CertssbError, match="unknown architecture 'nope'; choose one of: digits-cnn, mnist-cnn"):
+    with pytest.raises(CertssbError, match="unknown architecture 'nope'; choose one of digits-cnn, mnist-cnn"):
         build_model("nope", 1, 2, (8, 8))
     with pytest.raises(CertssbError, match="unknown architecture 'nope'"):
         RunConfig(arch="nope").resolve()

@@ -101,7 +101,7 @@ def test_decorator_registration():
 def test_unknown_name_lists_registered(toy):
     for call in (lambda: get_dataset("svhn"), lambda: load_task("svhn"),
                  lambda: resolve_data_dir("svhn", None)):
-        with pytest.raises(CertssbError, match="unknown dataset 'svhn': choose one of "
+        with pytest.raises(CertssbError, match="unknown dataset 'svhn'; choose one of "
                                                "digits, mnist, cifar10, imagenette, folder, numpy, toy$"):
             call()
     with pytest.raises(CertssbError, match="unknown dataset 'svhn'; choose one of .*numpy, toy$"):

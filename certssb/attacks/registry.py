@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from ..core.registry import Registry
 from ..errors import CertssbError
 
 
@@ -65,7 +66,7 @@ class TriggerSpec:
         return tuple(p.name for p in self.params)
 
 
-_TRIGGERS: dict[str, TriggerSpec] = {}
+_TRIGGERS: Registry[TriggerSpec] = Registry("trigger")
 
 
 def register_trigger(name: str, *, additive: bool, params: tuple[TriggerParam, ...] = ()) -> Callable[[type], type]:
@@ -81,36 +82,19 @@ def register_trigger(name: str, *, additive: bool, params: tuple[TriggerParam, .
             def _parameters(self): return {"size": self.size}
     """
     def decorate(cls: type) -> type:
-        if not isinstance(name, str) or not name:
-            raise CertssbError(f"a trigger name must be a non-empty string, got {name!r}")
-        if name in _TRIGGERS:
-            raise CertssbError(f"trigger {name!r} is already registered")
         names = [p.name for p in params]
         if len(set(names)) != len(names):
             raise CertssbError(f"trigger {name!r} declares a parameter twice: {names}")
         spec = TriggerSpec(name=name, cls=cls, additive=bool(additive), params=tuple(params))
+        _TRIGGERS.add(name, spec)
         cls.spec = spec  # type: ignore[attr-defined]
-        _TRIGGERS[name] = spec
         return cls
     return decorate
 
 
-def unregister_trigger(name: str) -> None:
-    """Remove a registered trigger (for tests that register a temporary one)."""
-    _TRIGGERS.pop(name, None)
-
-
-def get_trigger(name: str) -> TriggerSpec:
-    """The spec of a registered trigger; CertssbError naming the choices for an unknown one."""
-    spec = _TRIGGERS.get(name) if isinstance(name, str) else None
-    if spec is None:
-        raise CertssbError(f"unknown trigger {name!r}; choose one of: {', '.join(trigger_names())}")
-    return spec
-
-
-def trigger_names() -> tuple[str, ...]:
-    """Names of the registered triggers, in registration order."""
-    return tuple(_TRIGGERS)
+unregister_trigger = _TRIGGERS.remove
+get_trigger = _TRIGGERS.get
+trigger_names = _TRIGGERS.names
 
 
 def additive_trigger_names() -> tuple[str, ...]:
@@ -146,7 +130,7 @@ def check_trigger_options(name: Optional[str], options: object) -> dict:
 def describe_options() -> str:
     """One line naming each registered trigger's options, e.g. for the CLI help."""
     parts = [f"{s.name}: " + ", ".join(f"{p.name} ({p.help})" if p.help else p.name for p in s.params)
-             for s in _TRIGGERS.values() if s.params]
+             for _, s in _TRIGGERS.items() if s.params]
     return "; ".join(parts) or "no registered trigger takes options"
 
 

@@ -58,18 +58,18 @@ PA_MAX = 1.0 - 1e-12
 SIGMA_MAX = 1e300
 
 # Soft scores are means of float32 softmax outputs: allow this much rounding above 1 / below 0.
-_SCORE_TOL = 1e-6
+SCORE_TOL = 1e-6
 
 
 # ----------------------------------------------------------------------------- validation
-def _check_alpha(alpha: float) -> float:
+def check_alpha(alpha: float) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (0.0 < float(alpha) < 1.0):
         raise CertssbError(f"alpha must be a number in (0, 1), got {alpha!r}; "
                            "pass the failure probability of the certificate, e.g. alpha=0.001")
     return float(alpha)
 
 
-def _check_m(m: int) -> int:
+def check_m(m: int) -> int:
     if isinstance(m, bool) or not isinstance(m, numbers.Integral) or int(m) < 1:
         raise CertssbError(f"m (the number of models / votes) must be an integer >= 1, got {m!r}; "
                            "pass the real ensemble size")
@@ -103,7 +103,7 @@ def _check_pa_lower(pa: Tensor) -> Tensor:
     return pa
 
 
-def _check_counts(k: Tensor, m: int, name: str) -> Tensor:
+def check_counts(k: Tensor, m: int, name: str) -> Tensor:
     k = _as_tensor(k, name)
     if k.is_complex() or k.dtype == torch.bool:
         raise CertssbError(f"{name} must hold integer vote counts, got dtype {k.dtype}")
@@ -115,16 +115,16 @@ def _check_counts(k: Tensor, m: int, name: str) -> Tensor:
     return k
 
 
-def _check_scores(p: Tensor, name: str) -> Tensor:
+def check_scores(p: Tensor, name: str) -> Tensor:
     """Soft vote statistics: means of scores in [0, 1] (float32 rounding tolerated), as float64."""
     p = _as_tensor(p, name).to(torch.float64)
-    if p.numel() and not bool(((p >= -_SCORE_TOL) & (p <= 1 + _SCORE_TOL)).all()):
+    if p.numel() and not bool(((p >= -SCORE_TOL) & (p <= 1 + SCORE_TOL)).all()):
         raise CertssbError(f"{name} must be a mean of scores in [0, 1] (no NaN); pass the mean "
                            "softmax probability of the top class, not a logit or a count")
     return p
 
 
-def _check_num_classes(num_classes: object) -> int:
+def check_num_classes(num_classes: object) -> int:
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
         raise CertssbError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     return int(num_classes)

@@ -395,18 +395,24 @@ class TorchDenseIndex(CandidateIndex):
         q64 = qd.to(torch.float64)
         return qd, (q64 * q64).sum(1)
 
+    def _query_block(self, q, q_radii):
+        """(error coefficient, queries on the device and their squared norms, radii on the device, the
+        device), or None where the float32 filter's error cannot be bounded at this dimension."""
+        g = self._coeff(q.shape[1])
+        if not math.isfinite(g):
+            return None
+        qd, qn2 = self._queries(q)
+        return g, qd, qn2, torch.from_numpy(np.ascontiguousarray(q_radii)).to(self.device), self.device
+
     def search(self, q, q_norms, q_labels, q_radii, db, limit=None):
         b, dim = q.shape
         self.sync(db)
         n = db.n if limit is None else min(db.n, int(limit.max(initial=0)))
         if n == 0 or b == 0:
             return _empty(b)
-        g = self._coeff(dim)
-        if not math.isfinite(g):
+        if (prep := self._query_block(q, q_radii)) is None:
             return None
-        dev = self.device
-        qd, qn2 = self._queries(q)
-        qr = torch.from_numpy(np.ascontiguousarray(q_radii)).to(dev)
+        g, qd, qn2, qr, dev = prep
         ql = torch.from_numpy(np.ascontiguousarray(q_labels)).to(dev)
         lim = None if limit is None else torch.from_numpy(np.ascontiguousarray(limit)).to(dev)
         # One error bound for the whole block, from the largest norms (a few ulps looser than
@@ -440,12 +446,9 @@ class TorchDenseIndex(CandidateIndex):
         b, dim = q.shape
         if b < 2:
             return _empty(b)
-        g = self._coeff(dim)
-        if not math.isfinite(g):
+        if (prep := self._query_block(q, q_radii)) is None:
             return None
-        dev = self.device
-        qd, qn2 = self._queries(q)
-        qr = torch.from_numpy(np.ascontiguousarray(q_radii)).to(dev)
+        g, qd, qn2, qr, dev = prep
         norm_sum = 2.0 * float(q_norms.max())
         err = g * norm_sum * norm_sum + _abs_term(dim, norm_sum)
         s = self._sq_dists(qd, qn2, qd, qn2)

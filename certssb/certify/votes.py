@@ -23,7 +23,7 @@ from torch import nn
 
 from ..smoothing import training
 from .bounds import get_bound, pa_lower
-from .radius import HARD, _check_alpha, certified_radius, conservative_radius, top2
+from .radius import HARD, check_alpha, certified_radius, conservative_radius, top2
 from ..errors import CertssbError
 from ..kernels.dispatch import use_native
 from ..kernels.radius import certify_radius
@@ -337,7 +337,7 @@ def certify_votes(votes: Votes, sigma: torch.Tensor, *, bound: str = "hoeffding"
     if votes.models < 1:
         raise CertssbError("no model votes were collected; an ensemble needs at least one model (M >= 1)")
     _check_capacity(votes.models)
-    _check_alpha(alpha)
+    check_alpha(alpha)
     b = votes.soft_units.shape[0]
     if not isinstance(sigma, torch.Tensor) or tuple(sigma.shape) != (b,):
         got = list(sigma.shape) if isinstance(sigma, torch.Tensor) else type(sigma).__name__
@@ -411,7 +411,7 @@ def certify_models(models: Iterable[nn.Module], x: torch.Tensor, sigma: torch.Te
     sig = torch.as_tensor(sigma, dtype=torch.float32)
     if sig.dim() == 0:
         sig = sig.expand(x.shape[0]).clone()
-    _check_alpha(alpha)
+    check_alpha(alpha)
     get_bound(bound)
     if mode not in MODES:
         raise CertssbError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")

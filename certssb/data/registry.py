@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 import torch
 
+from ..core.registry import Registry
 from ..errors import CertssbError
 
 __all__ = ["Split", "Catalog", "TrainingDefaults", "DatasetSpec", "register_dataset",
@@ -126,7 +127,7 @@ class DatasetSpec:
                                f"check_path and detect (it sets {ways})")
 
 
-_REGISTRY: dict[str, DatasetSpec] = {}
+_REGISTRY: Registry[DatasetSpec] = Registry("dataset")
 
 
 def register_dataset(spec: DatasetSpec, *, replace: bool = False) -> DatasetSpec:
@@ -136,13 +137,7 @@ def register_dataset(spec: DatasetSpec, *, replace: bool = False) -> DatasetSpec
     """
     if not isinstance(spec, DatasetSpec):
         raise CertssbError(f"register_dataset takes a DatasetSpec, got {type(spec).__name__}")
-    if not spec.name or not isinstance(spec.name, str):
-        raise CertssbError(f"a dataset needs a non-empty string name, got {spec.name!r}")
-    if spec.name in _REGISTRY and not replace:
-        raise CertssbError(f"dataset {spec.name!r} is already registered; pick another name "
-                           "(or pass replace=True)")
-    _REGISTRY[spec.name] = spec
-    return spec
+    return _REGISTRY.add(spec.name, spec, replace=replace)
 
 
 def register_reader(name: str, **fields: Any) -> Callable[[Reader], Reader]:
@@ -154,22 +149,9 @@ def register_reader(name: str, **fields: Any) -> Callable[[Reader], Reader]:
     return wrap
 
 
-def unregister_dataset(name: str) -> None:
-    """Remove a registered dataset (for tests and plugins that registered one); no-op if absent."""
-    _REGISTRY.pop(name, None)
-
-
-def dataset_names() -> tuple[str, ...]:
-    """Names of the registered datasets, in registration order."""
-    return tuple(_REGISTRY)
-
-
-def get_dataset(name: str) -> DatasetSpec:
-    """The spec registered as `name`; an unknown name raises `CertssbError` listing the choices."""
-    spec = _REGISTRY.get(name) if isinstance(name, str) else None
-    if spec is None:
-        raise CertssbError(f"unknown dataset {name!r}: choose one of {', '.join(_REGISTRY)}")
-    return spec
+unregister_dataset = _REGISTRY.remove
+dataset_names = _REGISTRY.names
+get_dataset = _REGISTRY.get
 
 
 def training_defaults(name: str) -> dict[str, Any]:

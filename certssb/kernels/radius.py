@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from .. import _ops  # noqa: F401  (loads certssb._C, which defines the op schemas)
-from ..certify.radius import (_SCORE_TOL, HARD, SIGMA_MAX, SOFT, STATISTIC_ARGS, _check_alpha, _check_m,
-                              _check_num_classes)
+from ..certify.radius import (SCORE_TOL, HARD, SIGMA_MAX, SOFT, STATISTIC_ARGS, check_alpha, check_m,
+                              check_num_classes)
 from ..errors import CertssbError
 
 __all__ = ["NATIVE_BOUNDS", "certify_radius", "radius_proxy"]
@@ -193,9 +193,9 @@ def certify_radius(top_score: Tensor | None, top_count: Tensor | None, sigma: Te
     if bound not in NATIVE_BOUNDS:
         raise CertssbError(f"unknown bound {bound!r}; choose one of {', '.join(NATIVE_BOUNDS)} (the bounds "
                            "with a native kernel; certssb.certify.bounds.pa_lower runs any registered bound)")
-    models = _check_m(models)
-    alpha = _check_alpha(alpha)
-    num_classes = _check_num_classes(num_classes)
+    models = check_m(models)
+    alpha = check_alpha(alpha)
+    num_classes = check_num_classes(num_classes)
     soft = NATIVE_BOUNDS[bound] == SOFT  # else the hard count
     if (top_score if soft else top_count) is None:
         raise CertssbError(f"bound {bound!r} needs {STATISTIC_ARGS[NATIVE_BOUNDS[bound]]}")
@@ -236,7 +236,7 @@ def certify_radius(top_score: Tensor | None, top_count: Tensor | None, sigma: Te
         values = _extremes([main, sigma], extra)
         lo_v, hi_v, s_lo, s_hi = values[:4]
         if soft:
-            main_ok = lo_v >= -_SCORE_TOL and hi_v <= 1 + _SCORE_TOL  # False on NaN
+            main_ok = lo_v >= -SCORE_TOL and hi_v <= 1 + SCORE_TOL  # False on NaN
             main_msg = ("top_score must be a mean of scores in [0, 1] (no NaN); pass the mean softmax "
                         "probability of the top class, not a logit or a count")
         else:

@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence
 from torch import nn
 
 from ..data.registry import dataset_names, get_dataset
+from ..core.registry import Registry
 from ..errors import CertssbError
 
 Builder = Callable[[int, int, "tuple[int, int]"], nn.Module]
@@ -50,7 +51,7 @@ class ArchSpec:
                                f"{why}, got {h}x{w}; {self.size_hint}")
 
 
-_ARCHS: dict[str, ArchSpec] = {}
+_ARCHS: Registry[ArchSpec] = Registry("architecture")
 
 # Dataset name -> architecture used by the paper / RAB for it (`default_arch`).
 def register_arch(name: str, build: Optional[Builder] = None, *, min_size: int = 1, size_reason: str = "",
@@ -65,33 +66,16 @@ def register_arch(name: str, build: Optional[Builder] = None, *, min_size: int =
             def __init__(self, in_channels, num_classes, image_size): ...
     """
     def decorate(fn: Builder) -> Builder:
-        if not isinstance(name, str) or not name:
-            raise CertssbError(f"an architecture name must be a non-empty string, got {name!r}")
-        if name in _ARCHS:
-            raise CertssbError(f"architecture {name!r} is already registered")
         if not (isinstance(min_size, int) and min_size >= 1):
             raise CertssbError(f"min_size of architecture {name!r} must be an integer >= 1, got {min_size!r}")
-        _ARCHS[name] = ArchSpec(name, fn, min_size, size_reason, size_hint)
+        _ARCHS.add(name, ArchSpec(name, fn, min_size, size_reason, size_hint))
         return fn
     return decorate if build is None else decorate(build)
 
 
-def unregister_arch(name: str) -> None:
-    """Remove a registered architecture (for tests that register a temporary one)."""
-    _ARCHS.pop(name, None)
-
-
-def arch_names() -> tuple[str, ...]:
-    """Names of the registered architectures, in registration order."""
-    return tuple(_ARCHS)
-
-
-def get_arch(name: str) -> ArchSpec:
-    """The spec of a registered architecture; CertssbError naming the choices for an unknown one."""
-    spec = _ARCHS.get(name) if isinstance(name, str) else None
-    if spec is None:
-        raise CertssbError(f"unknown architecture {name!r}; choose one of: {', '.join(arch_names())}")
-    return spec
+unregister_arch = _ARCHS.remove
+arch_names = _ARCHS.names
+get_arch = _ARCHS.get
 
 
 def _positive_int(value: object) -> bool:

@@ -43,7 +43,7 @@ from ..kernels.dispatch import use_native
 from ..kernels.noise import noise
 from ..kernels.noise_common import MASK32 as _MASK32, PHILOX_M0 as _M0, PHILOX_M1 as _M1
 from ..kernels.noise_common import PHILOX_W0 as _W0, PHILOX_W1 as _W1
-from ..kernels.noise_common import check_noise_inputs, check_seed as _check_seed
+from ..kernels.noise_common import check_noise_inputs, check_seed
 
 
 class Stream(IntEnum):
@@ -125,7 +125,7 @@ def normal(seed: int, stream: int, a: torch.Tensor | int, b: torch.Tensor | int,
     vector per entry); the result has shape S + [numel]. Values of a and b must
     lie in [0, 2^32).
     """
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     device = torch.device(device)
     a_t = torch.as_tensor(a, dtype=torch.int64, device=device)
     b_t = torch.as_tensor(b, dtype=torch.int64, device=device)
@@ -214,7 +214,7 @@ def _noisy_copies_kernel(x: torch.Tensor, sigma: torch.Tensor | float, *, seed: 
         else:
             runs.append((k, 1))
     if not runs:  # no models: still through the op, so the empty output stays on the autograd graph
-        return noise(x, sig, ids_t, seed=_check_seed(seed), stream=int(stream), k0=0, models=0, check=False)
-    parts = [noise(x, sig, ids_t, seed=_check_seed(seed), stream=int(stream), k0=k0, models=n, check=False)
+        return noise(x, sig, ids_t, seed=check_seed(seed), stream=int(stream), k0=0, models=0, check=False)
+    parts = [noise(x, sig, ids_t, seed=check_seed(seed), stream=int(stream), k0=k0, models=n, check=False)
              for k0, n in runs]
     return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -8,7 +8,7 @@ import scipy.special
 import torch
 from torch import Tensor
 
-from ..radius import HARD, _check_alpha, _check_counts, _check_m
+from ..radius import HARD, check_alpha, check_counts, check_m
 from .registry import BoundSpec, register_bound
 
 __all__ = ["clopper_pearson_lower"]
@@ -28,9 +28,9 @@ def clopper_pearson_lower(k: Tensor, m: int, alpha: float) -> Tensor:
     Returns:
         float64 tensor of k's shape, on k's device.
     """
-    m = _check_m(m)
-    alpha = _check_alpha(alpha)
-    return _clopper_pearson_level(_check_counts(k, m, "k"), m, alpha)
+    m = check_m(m)
+    alpha = check_alpha(alpha)
+    return _clopper_pearson_level(check_counts(k, m, "k"), m, alpha)
 
 
 def _clopper_pearson_level(k: Tensor, m: int, level: float) -> Tensor:
@@ -66,10 +66,10 @@ def _beta_quantile_bisect(a: np.ndarray, b: np.ndarray, level: float) -> np.ndar
 def _pa_lower(top_count: Tensor, m: int, alpha: float, num_classes: int) -> Tensor:
     """Level alpha / num_classes: Bonferroni over the classes, because the top class is chosen
     by argmax of the same votes."""
-    m = _check_m(m)
+    m = check_m(m)
     # alpha / C may underflow to 0 for a subnormal alpha: the quantile at level 0 is 0, as the kernel
     # gives (clopper_pearson_lower itself would refuse alpha = 0 with a confusing message).
-    return _clopper_pearson_level(_check_counts(top_count, m, "top_count"), m, alpha / num_classes)
+    return _clopper_pearson_level(check_counts(top_count, m, "top_count"), m, alpha / num_classes)
 
 
 register_bound(BoundSpec("clopper-pearson", HARD, _pa_lower, kernel="clopper-pearson"))

@@ -5,7 +5,7 @@ import math
 
 from torch import Tensor
 
-from ..radius import SOFT, _check_alpha, _check_m, _check_scores
+from ..radius import SOFT, check_alpha, check_m, check_scores
 from .registry import BoundSpec, register_bound
 
 __all__ = ["hoeffding_lower"]
@@ -24,9 +24,9 @@ def hoeffding_lower(p_hat: Tensor, m: int, alpha: float) -> Tensor:
     Returns:
         float64 tensor of p_hat's shape and device.
     """
-    m = _check_m(m)
-    alpha = _check_alpha(alpha)
-    p_hat = _check_scores(p_hat, "p_hat")
+    m = check_m(m)
+    alpha = check_alpha(alpha)
+    p_hat = check_scores(p_hat, "p_hat")
     width = math.sqrt(math.log(1.0 / alpha) / (2.0 * m))
     return (p_hat - width).clamp(0.0, 1.0)
 

@@ -16,8 +16,9 @@ from typing import Callable, Iterator
 
 from torch import Tensor
 
+from ...core.registry import Registry
 from ...errors import CertssbError
-from ..radius import SOFT, STATISTICS, STATISTIC_ARGS, _check_alpha, _check_num_classes
+from ..radius import SOFT, STATISTICS, STATISTIC_ARGS, check_alpha, check_num_classes
 
 __all__ = ["BoundSpec", "register_bound", "unregister_bound", "get_bound", "bound_names", "BOUNDS",
            "pa_lower"]
@@ -44,7 +45,7 @@ class BoundSpec:
     kernel: str | None = None
 
 
-_REGISTRY: dict[str, BoundSpec] = {}
+_REGISTRY: Registry[BoundSpec] = Registry("bound")
 
 
 def register_bound(spec: BoundSpec, *, replace: bool = False) -> BoundSpec:
@@ -58,30 +59,18 @@ def register_bound(spec: BoundSpec, *, replace: bool = False) -> BoundSpec:
                            f"got {spec.statistic!r}")
     if not callable(spec.lower):
         raise CertssbError(f"bound {spec.name!r}: lower must be a function (statistic, m, alpha, num_classes)")
-    if spec.name in _REGISTRY and not replace:
-        raise CertssbError(f"bound {spec.name!r} is registered already; pass replace=True to redefine it")
-    _REGISTRY[spec.name] = spec
-    return spec
+    return _REGISTRY.add(spec.name, spec, replace=replace)
 
 
 def unregister_bound(name: str) -> BoundSpec:
     """Remove a registered bound (e.g. one a test or a notebook added); returns its spec."""
     spec = get_bound(name)
-    del _REGISTRY[name]
+    _REGISTRY.remove(name)
     return spec
 
 
-def bound_names() -> tuple[str, ...]:
-    """The registered bound names, in registration order."""
-    return tuple(_REGISTRY)
-
-
-def get_bound(name: str) -> BoundSpec:
-    """The spec of bound `name`; an unknown name raises CertssbError listing the registered ones."""
-    spec = _REGISTRY.get(name) if isinstance(name, str) else None
-    if spec is None:
-        raise CertssbError(f"unknown bound {name!r}; choose one of {', '.join(_REGISTRY)}")
-    return spec
+bound_names = _REGISTRY.names
+get_bound = _REGISTRY.get
 
 
 class _BoundNames(Sequence):
@@ -97,7 +86,7 @@ class _BoundNames(Sequence):
         return iter(bound_names())
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name in _REGISTRY
+        return name in _REGISTRY
 
     def __eq__(self, other: object) -> bool:
         return bound_names() == (tuple(other) if isinstance(other, (tuple, list, _BoundNames)) else other)
@@ -121,8 +110,8 @@ def pa_lower(bound: str, *, top_score: Tensor | None = None, top_count: Tensor |
     Returns a float64 tensor of the statistic's shape and device.
     """
     spec = get_bound(bound)
-    num_classes = _check_num_classes(num_classes)
-    alpha = _check_alpha(alpha)
+    num_classes = check_num_classes(num_classes)
+    alpha = check_alpha(alpha)
     stat = top_score if spec.statistic == SOFT else top_count
     if stat is None:
         raise CertssbError(f"bound {spec.name!r} needs {STATISTIC_ARGS[spec.statistic]}")
