@@ -8,12 +8,14 @@ fixed order per pair), so every backend takes bit-identical decisions
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import CertssbError
 from .region_search import Candidates
 
 # Chunk the float64 difference computations to about this many elements (memory bound).
@@ -130,3 +132,30 @@ class DecisionBlock:
 def row_norms(x: Tensor) -> Tensor:
     """||row|| in float64 for float32 rows [B, D] (for the search's error bound only)."""
     return torch.linalg.vector_norm(x.to(torch.float64), dim=1)
+
+
+def check_label_radius(label: int, radius: float) -> tuple[int, float]:
+    """(label, radius) of one input as int and float, or CertssbError saying what is wrong."""
+    if isinstance(label, Tensor):
+        if label.numel() != 1:
+            raise CertssbError(f"label must be a single integer, got a tensor of shape {tuple(label.shape)}")
+        label = label.item()
+    if isinstance(label, bool) or not isinstance(label, numbers.Integral):
+        if isinstance(label, numbers.Real) and float(label).is_integer():
+            label = int(label)
+        else:
+            raise CertssbError(f"label must be an integer class index, got {label!r}")
+    if int(label) < 0:
+        raise CertssbError(f"label must be >= 0, got {label}; abstained inputs go through "
+                           "certify_stream(abstain=...) and are not stored")
+    if isinstance(radius, Tensor):
+        if radius.numel() != 1:
+            raise CertssbError(f"radius must be a single number, got a tensor of shape {tuple(radius.shape)}")
+        radius = radius.item()
+    if isinstance(radius, bool) or not isinstance(radius, numbers.Real):
+        raise CertssbError(f"radius must be a number, got {radius!r}")
+    radius = float(radius)
+    if not math.isfinite(radius) or radius < 0:
+        raise CertssbError(f"radius must be finite and >= 0, got {radius!r}; compute it with "
+                           "certssb.certify.bounds.certified_radius")
+    return int(label), radius

@@ -40,8 +40,8 @@ from torch import Tensor
 
 from ..errors import CertssbError
 from ..core.files import sha256_file
-from .region_decisions import (CHUNK_ELEMS, DECISION_KINDS, DecisionBlock, RegionDecision, all_earlier, empty_csr,
-                               exact_distances, pair_distances, row_norms)
+from .region_decisions import (CHUNK_ELEMS, DECISION_KINDS, DecisionBlock, RegionDecision, all_earlier,
+                               check_label_radius, empty_csr, exact_distances, pair_distances, row_norms)
 from .region_file import FORMAT_VERSION, UPDATE_KINDS, read_store_file, write_store_file
 from .region_search import INDEX_BACKENDS, Candidates, StoreArrays, make_index
 
@@ -210,32 +210,6 @@ class RegionStore:
             raise CertssbError("x contains NaN or inf (after casting to float32); check the input images")
         return xf
 
-    @staticmethod
-    def _check_label_radius(label: int, radius: float) -> tuple[int, float]:
-        if isinstance(label, Tensor):
-            if label.numel() != 1:
-                raise CertssbError(f"label must be a single integer, got a tensor of shape {tuple(label.shape)}")
-            label = label.item()
-        if isinstance(label, bool) or not isinstance(label, numbers.Integral):
-            if isinstance(label, numbers.Real) and float(label).is_integer():
-                label = int(label)
-            else:
-                raise CertssbError(f"label must be an integer class index, got {label!r}")
-        if int(label) < 0:
-            raise CertssbError(f"label must be >= 0, got {label}; abstained inputs go through "
-                               "certify_stream(abstain=...) and are not stored")
-        if isinstance(radius, Tensor):
-            if radius.numel() != 1:
-                raise CertssbError(f"radius must be a single number, got a tensor of shape {tuple(radius.shape)}")
-            radius = radius.item()
-        if isinstance(radius, bool) or not isinstance(radius, numbers.Real):
-            raise CertssbError(f"radius must be a number, got {radius!r}")
-        radius = float(radius)
-        if not math.isfinite(radius) or radius < 0:
-            raise CertssbError(f"radius must be finite and >= 0, got {radius!r}; compute it with "
-                               "certssb.certify.bounds.certified_radius")
-        return int(label), radius
-
     # ------------------------------------------------------------------ core
     def _decide_exact(self, xf: Tensor, label: int, radius: float, cand: Optional[np.ndarray],
                       n_visible: int) -> RegionDecision:
@@ -372,7 +346,7 @@ class RegionStore:
     def decide(self, x: Tensor, label: int, radius: float) -> RegionDecision:
         """The decision `update` would take for (x, label, radius), without storing anything."""
         xf = self._prepare_x(x)
-        label, radius = self._check_label_radius(label, radius)
+        label, radius = check_label_radius(label, radius)
         return self.decide_batch(xf[None], torch.tensor([label]), torch.tensor([radius], dtype=torch.float64))[0]
 
     def decide_batch(self, x: Tensor, labels: Tensor, radii: Tensor) -> list[RegionDecision]:
@@ -428,7 +402,7 @@ class RegionStore:
             the RegionDecision (stored label, stored radius, kind, conflicting index i*).
         """
         xf = self._prepare_x(x)
-        label, radius = self._check_label_radius(label, radius)
+        label, radius = check_label_radius(label, radius)
         return self._insert_block(xf[None].contiguous(), np.array([label], dtype=np.int64),
                                   np.array([radius], dtype=np.float64),
                                   np.array([self.n_queries], dtype=np.int64)).decisions()[0]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _ops  # noqa: F401  (loads certssb._C: the op schemas)
+from .._ops import build_info  # noqa: F401  (importing certssb._ops loads certssb._C: the op schemas)
 from ..errors import CertssbError
 from .noise_common import MASK32 as _U32, check_noise_inputs, seed_to_int64
 

@@ -24,7 +24,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from .. import _ops  # noqa: F401  (loads certssb._C, which defines the op schemas)
+from .._ops import build_info  # noqa: F401  (importing certssb._ops loads certssb._C: the op schemas)
 from ..certify.radius import (SCORE_TOL, HARD, SIGMA_MAX, SOFT, STATISTIC_ARGS, check_alpha, check_m,
                               check_num_classes)
 from ..errors import CertssbError
