@@ -481,14 +481,14 @@ def _warn_if_nothing_can_be_certified(cfg: RunConfig, num_classes: int, log: Cal
     """Say before training when M is too small for the bound to certify any input at all."""
     if radius_ceiling(cfg.bound, cfg.models, cfg.alpha, num_classes, 1.0)["pA_lower"] > 0.5:
         return
-    need = {b: min_models_to_certify(b, cfg.alpha, num_classes) for b in ("hoeffding", "clopper-pearson")}
+    need = {b: min_models_to_certify(b, cfg.alpha, num_classes) for b in (cfg.bound, "clopper-pearson")}
 
     def fix(b: str) -> str:
         return f"--models {need[b]} or more" if need[b] else "a larger --alpha"
 
     log(f"warning: with M={cfg.models} models the {cfg.bound} bound at alpha={cfg.alpha} cannot certify any "
         f"input (even a unanimous vote gives pA_lower <= 1/2), so every prediction will abstain; use "
-        f"{fix(cfg.bound)}" + (f" (clopper-pearson: {fix('clopper-pearson')})" if cfg.bound == "hoeffding" else ""))
+        f"{fix(cfg.bound)}" + (f" (clopper-pearson: {fix('clopper-pearson')})" if cfg.bound != "clopper-pearson" else ""))
 
 
 def _sigma_sizes(p: Prepared) -> dict[str, int]:
