@@ -42,7 +42,7 @@ def test_box_muller_definition():
 def test_u1_has_53_bits_and_is_never_zero():
     # u1 = (k + 1) 2^-53 with k the top 53 bits of x0:x1: finer than 2^-32 (the old 32-bit
     # u1 capped |z| at 6.66 and lost 2^-32 of Gaussian mass per pair), and never 0.
-    from certssb.noise import _uniform53
+    from certssb.smoothing.noise import _uniform53
     words = torch.tensor([0, 0, 0, 1 << 11, M32, M32, 0x80000000, 0x7FF], dtype=torch.int64)
     hi, lo = words[0::2], words[1::2]
     u1 = _uniform53(hi, lo, open_at_zero=True)
@@ -54,7 +54,7 @@ def test_u1_has_53_bits_and_is_never_zero():
 def test_tails_beyond_the_32_bit_cap_are_drawn():
     # By construction: the Box-Muller pair of words (x0, x1) = (0, small) has u1 < 2^-32, so
     # the radius exceeds sqrt(-2 ln 2^-32) = 6.66, which the old 32-bit u1 could never give.
-    from certssb.noise import _box_muller
+    from certssb.smoothing.noise import _box_muller
     z0, z1 = _box_muller(*[torch.tensor([w]) for w in (0, 1 << 11, 0, 0)])
     assert float(z0) == pytest.approx((-2 * math.log(2.0 * 2.0 ** -53)) ** 0.5) and float(z0) > 6.7
     assert float(z1) == 0.0

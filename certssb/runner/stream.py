@@ -59,6 +59,7 @@ from ..smoothing.ensemble import free_bytes
 from ..smoothing.sigma import optimize_sigma
 from .config import resolve_device
 from .lock import run_lock
+from .pipeline import build_trigger, sigma_search
 from .rundir import RunDir
 from .stream_chunks import (CHUNK_FORMAT, FORMAT_VERSION, PROGRESS_FORMAT, chunk_path, content_sha256,
                             load_progress, read_chunk, reserve_rows, sha_json, store_from_chunks)
@@ -102,8 +103,6 @@ class RunCertifier:
                  bound: Optional[str] = None, alpha: Optional[float] = None, device: Optional[str] = None,
                  backend: Optional[str] = None, eval_batch_size: Optional[int] = None,
                  keep_models: Optional[bool] = None, log: Optional[Callable[[str], None]] = None) -> None:
-        from .pipeline import build_trigger, sigma_search
-
         log = log or (lambda s: None)
         rundir = RunDir.open(run_dir, {"bound": bound, "alpha": alpha, "device": device, "backend": backend,
                                        "eval_batch_size": eval_batch_size})
