@@ -27,7 +27,8 @@ def test_split_metrics_triggered_and_update_variants():
     assert upd["robust_accuracy"] == 0.25 and upd["attack_success_rate"] == 0.5
     assert raw["robust_accuracy"] == 0.5 and raw["attack_success_rate"] == 0.25
     assert upd["abstain_rate"] == 0.25
-    assert upd["certified_accuracy_conservative"] == {"0.0": 0.25, "0.25": 0.25}
+    # the conservative curve never applies the update: predict_raw with its own conservative radius
+    assert upd["certified_accuracy_conservative"] == {"0.0": 0.5, "0.25": 0.25}
     assert "certified_accuracy_conservative" not in raw
 
 
