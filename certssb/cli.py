@@ -290,7 +290,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return 2
     from .runner import pipeline
     from .runner.regenerate import regenerate
-    from .runner.distributed import Dist
+    from .core.distributed import Dist
     main_rank = Dist.from_env().is_main  # under torchrun only rank 0 prints results
     if args.command in ("run", "train"):
         cfg = _config_from_args(args)

@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from certssb.certify.votes import Votes
-from certssb.runner.distributed import Dist, all_reduce_votes, shard
+from certssb.core.distributed import Dist, all_reduce_votes, shard
 from certssb.errors import CertssbError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ import pytest
 from certssb.runner import pipeline
 from certssb import RunConfig
 from certssb.cli import main
-from certssb.runner.distributed import Dist
+from certssb.core.distributed import Dist
 from certssb.errors import CertssbError
 from certssb.core.files import atomic_write_json
 from certssb.runner.lock import LOCK_NAME, holder, run_lock

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..smoothing import training
 from .bounds import get_bound, pa_lower
-from .radius import HARD, check_alpha, certified_radius, conservative_radius, top2
+from ..core.radius import HARD, check_alpha, certified_radius, conservative_radius, top2
 from ..errors import CertssbError
 from ..kernels.dispatch import use_native
 from ..kernels.radius import certify_radius

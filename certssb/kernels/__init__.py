@@ -2,7 +2,7 @@
 
 One file per op family, each pairing the native kernel with its pure-PyTorch
 reference (the reference lives with the stage that uses it: certssb.smoothing.noise,
-certssb.certify.votes, certssb.certify.radius and certssb.certify.bounds):
+certssb.certify.votes, certssb.core.radius and certssb.certify.bounds):
 
 - `noise`:  fused noisy copies x + sigma * eps(seed, stream, k, id) for a block of models;
 - `vote`:   streaming soft/hard vote accumulation and top-2 finalisation;

@@ -97,7 +97,7 @@ def use_native(op: str, device: torch.device | str, *, dtype: torch.dtype | None
         if use_native("radius_proxy", p.device, dtype=p.dtype):
             r = kernels.radius.radius_proxy(p, sigma)
         else:
-            r = certify.radius.radius_proxy(p, sigma)
+            r = core.radius.radius_proxy(p, sigma)
     """
     if op not in NATIVE_OPS:
         raise ValueError(f"no native op {op!r}; known: {', '.join(NATIVE_OPS)}")

@@ -11,7 +11,7 @@ validate at the boundary before calling ``torch.ops.certssb.*``:
   search, differentiable with respect to mean_probs and sigma.
 
 Their pure-PyTorch references are `certssb.certify.bounds.pa_lower` +
-`certssb.certify.radius.certified_radius` and `certssb.certify.radius.radius_proxy`; both paths
+`certssb.core.radius.certified_radius` and `certssb.core.radius.radius_proxy`; both paths
 agree to 1e-12 (relative) in float64 and to rounding in float32. The bounds the native op
 implements are `NATIVE_BOUNDS`; a `certssb.certify.bounds.BoundSpec` names one of them as
 its kernel id.
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .._ops import build_info  # noqa: F401  (importing certssb._ops loads certssb._C: the op schemas)
-from ..certify.radius import (SCORE_TOL, HARD, SIGMA_MAX, SOFT, STATISTIC_ARGS, check_alpha, check_m,
+from ..core.radius import (SCORE_TOL, HARD, SIGMA_MAX, SOFT, STATISTIC_ARGS, check_alpha, check_m,
                               check_num_classes)
 from ..errors import CertssbError
 
@@ -258,7 +258,7 @@ def radius_proxy(mean_probs: Tensor, sigma: Tensor | float,
     to `mean_probs` and `sigma` (registered autograd, backward by the native
     radius_proxy_backward op): dr/dpA = sigma / 2 / phi(PhiInv(pA)) inside [lo, hi] (edges
     included), 0 outside; dr/dpB likewise with a minus sign; dr/dsigma = (PhiInv(pA) -
-    PhiInv(pB)) / 2. Reference: `certssb.certify.radius.radius_proxy`.
+    PhiInv(pB)) / 2. Reference: `certssb.core.radius.radius_proxy`.
 
     Args:
         mean_probs: [B, C] (C >= 2) mean softmax probabilities, float16/bfloat16/float32/

@@ -118,7 +118,7 @@ def curve(summary: dict, method: str, split: str, variant: Optional[str] = None,
 def experiment_file(name: str):
     """The experiment file experiments/<name>.json (relative to the working directory, as the CLI
     finds it), or None when it is not there."""
-    from ..experiments.grid import Experiment
+    from ..experiments.grid import Experiment  # here: experiments/ sits above report/ (ARCHITECTURE.md 2)
 
     f = Path("experiments") / f"{name}.json"
     return Experiment.load(f) if f.exists() else None

@@ -24,7 +24,7 @@ from ..certify.bounds import certified_radius, pa_lower, poison_budget
 from ..certify.votes import VoteCheckpoint, certify_votes, collect_votes
 from .config import RunConfig, resolve_device
 from ..data import load_task
-from .distributed import Dist, all_reduce_votes
+from ..core.distributed import Dist, all_reduce_votes
 from ..smoothing.ensemble import EnsembleDir, EnsembleSpec
 from ..errors import CertssbError
 from ..core.files import atomic_write_json, atomic_write_text, read_json, save_tensors

@@ -20,7 +20,7 @@ after the model files) and `manifest.json` (the run's header, the group size
 and the index of finished models). A rerun verifies every listed file against
 its checksum and retrains each group with a missing, truncated or altered
 file; a killed run therefore resumes with the same command. Under torchrun
-each rank trains and writes only its own groups (`certssb.runner.distributed.shard`).
+each rank trains and writes only its own groups (`certssb.core.distributed.shard`).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..runner.distributed import Dist, shard
+from ..core.distributed import Dist, shard
 from ..errors import CheckpointError, CertssbError
 from ..core.files import atomic_write_json, load_tensors, read_json, safe_child, save_tensors
 from ..models import build_model

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..certify.radius import radius_proxy
+from ..core.radius import radius_proxy
 from ..errors import CertssbError
 from ..kernels.dispatch import use_native
 from ..kernels.radius import radius_proxy as kernel_radius_proxy

@@ -8,12 +8,12 @@ Adding a bound: a file here that defines its pA_lower and calls
 `register_bound(BoundSpec(name, SOFT or HARD, lower, kernel=None))`, plus its import
 line below. Without a native kernel id it certifies on the reference path under either
 backend; --bound, RunConfig and the experiment files accept it once it is imported.
-The arithmetic after pA_lower (radius, poison budget, ...) is `certssb.certify.radius`,
+The arithmetic after pA_lower (radius, poison budget, ...) is `certssb.core.radius`,
 re-exported here.
 """
 from __future__ import annotations
 
-from ..radius import (HARD, PA_MAX, SIGMA_MAX, SOFT, certified_radius, conservative_radius, phi_inv,
+from ...core.radius import (HARD, PA_MAX, SIGMA_MAX, SOFT, certified_radius, conservative_radius, phi_inv,
                       poison_budget, radius_proxy, top2)
 from .registry import BOUNDS, BoundSpec, bound_names, get_bound, pa_lower, register_bound, unregister_bound
 

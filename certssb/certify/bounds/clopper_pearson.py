@@ -8,7 +8,7 @@ import scipy.special
 import torch
 from torch import Tensor
 
-from ..radius import HARD, check_alpha, check_counts, check_m
+from ...core.radius import HARD, check_alpha, check_counts, check_m
 from .registry import BoundSpec, register_bound
 
 __all__ = ["clopper_pearson_lower"]

@@ -5,7 +5,7 @@ import math
 
 from torch import Tensor
 
-from ..radius import SOFT, check_alpha, check_m, check_scores
+from ...core.radius import SOFT, check_alpha, check_m, check_scores
 from .registry import BoundSpec, register_bound
 
 __all__ = ["hoeffding_lower"]

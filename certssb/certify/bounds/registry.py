@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ...core.registry import Registry
 from ...errors import CertssbError
-from ..radius import SOFT, STATISTICS, STATISTIC_ARGS, check_alpha, check_num_classes
+from ...core.radius import SOFT, STATISTICS, STATISTIC_ARGS, check_alpha, check_num_classes
 
 __all__ = ["BoundSpec", "register_bound", "unregister_bound", "get_bound", "bound_names", "BOUNDS",
            "pa_lower"]
