@@ -112,26 +112,54 @@ def test_engine_variants_train_the_plain_loops_models(arch, shape, n, schedule, 
     assert _max_diff(group.state_dicts(), plain) < 1e-8
 
 
-# bf16 autocast: 8 significant bits, unit roundoff u = 2^-9 (0.2%). Each layer's output is rounded
-# once, so a forward through L parameter layers carries about L*u relative error, and its backward
-# about as much again; Adam's step lr * m / sqrt(v) is invariant to the gradient's scale, so a
-# relative gradient error e changes each step by about lr * e: how far the weights moved differs by
-# about e = 2 * L * u relative (mnist-cnn: L = 4, e = 1.6%). BF16_MOVED = 5% is three times that.
-# Where an Adam denominator is tiny (a gradient near 0), its sign flips under rounding: those
-# weights dominate the max-norm, which is why the test bounds the movement's norm, not the max.
-BF16_MOVED = 0.05
+# bf16 autocast does not train the same models to float tolerance, and cannot: it trains other draws
+# of the same procedure. What is bounded is one step. bf16 keeps 8 significant bits (unit roundoff
+# u = 2^-9); every product of the forward and of the backward rounds its two operands (activation or
+# gradient, weight) to bf16, float32 accumulation after: about 2u relative per product, so through the
+# L = 4 parameter layers of mnist-cnn, forward then backward, the gradient carries up to 2 * 2L * u = 16u
+# (3.1%) relative error from rounding, plus the ReLU / max-pool decisions that flip at near-ties
+# (measured on this test's data: 4.9%). BF16_GRAD = 10% bounds it with twice that margin. Over many
+# steps Adam amplifies any difference: its step lr * m / sqrt(v) is full-sized even where a gradient is
+# near 0 and its sign is decided by rounding, so after 2 epochs the weights' movement differs by about
+# a third (float32 against float64: 2e-5) and the models agree on most inputs, not all (measured 92%
+# of argmax decisions on random inputs; BF16_AGREE = 80%). The certificate holds either way
+# (docs/THEORY.md section 7.6): it covers the classifier that votes, whatever its precision.
+BF16_GRAD = 0.10
+BF16_AGREE = 0.80
 
 
 def test_bf16_autocast_trains_within_its_rounding():
+    import torch.nn.functional as F
+
+    from certssb.smoothing.training import GroupNoise
+
     shape, models, schedule = (1, 16, 16), [0, 1, 2], Schedule(2, 16, 1e-3)
     x, y, sigma = _data(64, shape, dtype=torch.float32)
     inits = _inits("mnist-cnn", shape, models, torch.float32)
+    # one step: the gradient within BF16_GRAD of float32's
+    noise = GroupNoise(x, sigma, seed=3, models=models, device=torch.device("cpu"), cache=False)
+    xb, yb = noise.batch(torch.arange(16)), y[:16]
+
+    def gradient(engine):
+        g = GroupedModel(inits).train()
+        with engine.forward_context("cpu"):
+            logits = g.forward_grouped(xb)
+        F.cross_entropy(logits.float().reshape(48, -1), yb.repeat(3), reduction="sum").backward()
+        return torch.cat([p.grad.flatten() for p in g.parameters()])
+
+    g32, g16 = gradient(Engine()), gradient(parse_engine("bf16"))
+    assert g16.dtype == torch.float32
+    assert float((g16 - g32).norm() / g32.norm()) < BF16_GRAD
+    # training: float32 master weights, models that decide like float32's on most inputs
     ref = train_group(GroupedModel(inits), x, y, sigma, models=models, schedule=schedule, seed=3)
     out = train_group(GroupedModel(inits), x, y, sigma, models=models, schedule=schedule, seed=3,
                       engine=parse_engine("bf16"))
     for p in out.parameters():  # float32 master weights (and so float32 Adam moments)
         assert p.dtype == torch.float32
-    assert _moved_diff(out.state_dicts(), ref.state_dicts(), inits) < BF16_MOVED
+    xt = torch.rand(200, *shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        a, b = ref(xt.expand(3, *xt.shape)), out(xt.expand(3, *xt.shape))
+    assert float((a.argmax(-1) == b.argmax(-1)).double().mean()) >= BF16_AGREE
 
 
 def test_compiled_step_trains_the_same_models():
