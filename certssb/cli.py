@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", default="docs/results", help="where the pages go (default %(default)s)")
     p.add_argument("--readme", default=None, metavar="FILE",
                    help="also rewrite the results block of this README (between its results markers)")
+    p.add_argument("--gpu-checks", metavar="JSON", default=None,
+                   help="first keep the full-scale cells of this gpu-checks.json (benchmarks/gpu_checks.sh) under "
+                        "DOCS/cells and write the CUDA section of DOCS/training.md from it")
     p.add_argument("--debug", action="store_true")
     p = sub.add_parser("certify-stream", help="certify new inputs (a file or an image folder) with a trained "
                                               "run's ensemble, chunk by chunk; a rerun continues an interrupted job")
@@ -327,6 +330,10 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return _grid(args)
     if args.command == "pages":
         from .report.pages import write_pages
+        if args.gpu_checks:
+            from .report.gpu_checks import import_gpu_checks
+            for path in import_gpu_checks(args.gpu_checks, args.docs):
+                print(f"wrote {path}")
         for path in write_pages(args.runs, args.docs, readme=args.readme):
             print(f"wrote {path}")
         return 0
