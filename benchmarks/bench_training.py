@@ -258,7 +258,7 @@ def main(argv=None) -> dict:
     engine_rows = [{"engine": primary.name, "ok": True, "s_per_model": per_vec["median"],
                     "spread": [per_vec["min"], per_vec["max"]], "speedup": per_serial["median"] / per_vec["median"],
                     "agreement": 1.0}]
-    xt_clean = task.x_test[:512]
+    xt_clean = task.x_test[:128]
     ref_vote = _clean_votes(group, xt_clean, device)
     for eng in engines[1:]:  # every other engine: the same group, warmed up, timed alone
         print(f"[bench_training] engine {eng.name}", flush=True)
