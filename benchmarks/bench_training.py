@@ -46,6 +46,9 @@ from certssb.models import build_model, default_arch  # noqa: E402
 from certssb.core.seeding import derive_seed  # noqa: E402
 from certssb.smoothing.training import GroupNoise, Schedule, default_chunk, train_group  # noqa: E402
 from certssb.models.grouped import GroupedModel  # noqa: E402
+from certssb.report.training_page import engines_markdown, markdown, update_page  # noqa: E402
+from certssb.smoothing.engine import (BENCH_VARIANTS_CPU, BENCH_VARIANTS_CUDA, Engine, parse_engine,  # noqa: E402
+                                      resolve_engine)
 
 SIGMA = 0.25
 
@@ -72,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per path (median; default 3, GPU 1)")
     p.add_argument("--render", default=None, metavar="JSON",
                    help="only rewrite the results page from a JSON file this script wrote (no timing)")
+    p.add_argument("--engines", default=None,
+                   help="also time these engines side by side (comma list, or 'all': the device's variants, "
+                        "certssb.smoothing.engine); the first is the one the table's rows use (default: auto)")
     p.add_argument("--synthetic", action="store_true",
                    help="random images and labels of the task's shape and size instead of the real files "
                         "(same arithmetic; for machines without the dataset)")
@@ -149,7 +155,7 @@ def serial_rab_style(x, y, *, arch, shape, classes, schedule: Schedule, models: 
 
 
 def vectorized(x, y, *, arch, shape, classes, schedule: Schedule, models: int, seed: int,
-               device: torch.device, cache: bool, timings: dict) -> GroupedModel:
+               device: torch.device, cache: bool, timings: dict, engine: Engine = Engine()) -> GroupedModel:
     """The ensemble's path: one group of `models` models, noise drawn once through noisy_copies."""
     plain = []
     for k in range(models):
@@ -163,7 +169,7 @@ def vectorized(x, y, *, arch, shape, classes, schedule: Schedule, models: int, s
     sync(device)
     timings["noise_s"] = time.perf_counter() - t0
     train_group(group, x, y, sigma, models=range(models), schedule=schedule, seed=seed, device=device,
-                noise=noise)
+                noise=noise, engine=engine)
     group.state_dicts()  # the weights as the checkpoints store them
     return group
 
@@ -204,6 +210,14 @@ def main(argv=None) -> dict:
     cache = device.type == "cpu"
     chunk = default_chunk(build_model(arch, shape[0], task.num_classes, shape[1:]), mc, shape, batch, device)
     common = dict(arch=arch, shape=shape, classes=task.num_classes, schedule=schedule, seed=0, device=device)
+    if args.engines == "all":
+        engine_names = list(BENCH_VARIANTS_CUDA if gpu else BENCH_VARIANTS_CPU)
+    elif args.engines:
+        engine_names = args.engines.split(",")
+    else:
+        engine_names = [resolve_engine("auto", device, arch).name]
+    engines = [parse_engine(e) for e in engine_names]
+    primary = engines[0]
     load_start = list(os.getloadavg())
     print(f"[bench_training] {dataset} classes {classes}: {x.shape[0]} train / {task.x_test.shape[0]} test, "
           f"{arch}, {epochs} epochs, batch {batch}; vectorized Mc = {mc} (chunk {chunk}), serial "
@@ -211,14 +225,16 @@ def main(argv=None) -> dict:
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
 
     # warm-up (kernel selection, JIT, allocator) on two batches, not timed
+    # (2 full batches and one of the last batch's size: a compiled engine meets both shapes)
     warm = dict(common, schedule=Schedule(1, batch, 1e-3))
+    n_warm = min(x.shape[0], 2 * batch + x.shape[0] % batch)
     serial_rab_style(x[:2 * batch], y[:2 * batch], models=1, **warm)
-    vectorized(x[:2 * batch], y[:2 * batch], models=mc, cache=cache, timings={}, **warm)
+    vectorized(x[:n_warm], y[:n_warm], models=mc, cache=cache, timings={}, engine=primary, **warm)
     noise_times = []
 
     def vectorized_group():
         t = {}
-        g = vectorized(x, y, models=mc, cache=cache, timings=t, **common)
+        g = vectorized(x, y, models=mc, cache=cache, timings=t, engine=primary, **common)
         noise_times.append(t["noise_s"])
         return g
 
@@ -239,6 +255,31 @@ def main(argv=None) -> dict:
              models_per_hour=3600 / per_vec_no_noise["median"]),
     ]
 
+    engine_rows = [{"engine": primary.name, "ok": True, "s_per_model": per_vec["median"],
+                    "spread": [per_vec["min"], per_vec["max"]], "speedup": per_serial["median"] / per_vec["median"],
+                    "agreement": 1.0}]
+    xt_clean = task.x_test[:128]
+    ref_vote = _clean_votes(group, xt_clean, device)
+    for eng in engines[1:]:  # every other engine: the same group, warmed up, timed alone
+        print(f"[bench_training] engine {eng.name}", flush=True)
+        try:
+            vectorized(x[:n_warm], y[:n_warm], models=mc, cache=cache, timings={}, engine=eng, **warm)
+
+            def run_engine(eng=eng):
+                return vectorized(x, y, models=mc, cache=cache, timings={}, engine=eng, **common)
+            run_engine.__name__ = f"engine {eng.name}"
+            ((t_e, g_e),) = timed([run_engine], device, repeats)
+            per = _scale(t_e, 1 / mc)
+            engine_rows.append({"engine": eng.name, "ok": True, "s_per_model": per["median"],
+                                "spread": [per["min"], per["max"]], "speedup": per_serial["median"] / per["median"],
+                                "agreement": float((_clean_votes(g_e, xt_clean, device) == ref_vote)
+                                                   .double().mean())})
+        except Exception as e:  # a variant this device or torch cannot run: recorded, the others go on
+            engine_rows.append({"engine": eng.name, "ok": False, "error": f"{type(e).__name__}: {e}"[:500]})
+            print(f"[bench_training] engine {eng.name} failed: {e}", flush=True)
+    ok_rows = [r for r in engine_rows if r["ok"] and r.get("agreement", 0) >= 0.9]
+    fastest = min(ok_rows, key=lambda r: r["s_per_model"])["engine"] if ok_rows else primary.name
+
     # certification: the trained group at once against the same models one at a time
     xt = task.x_test.to(device)
     sig = torch.full((xt.shape[0],), SIGMA, device=device)
@@ -247,7 +288,7 @@ def main(argv=None) -> dict:
     ks = list(range(mc))
     def certify_group():
         return collect_votes([(ks, group)], xt, sig, seed=0, num_classes=task.num_classes, batch_size=128,
-                             device=device)
+                             device=device, engine=primary)
 
     def certify_one_by_one():
         return collect_votes(plain, xt, sig, seed=0, num_classes=task.num_classes, batch_size=128,
@@ -262,7 +303,8 @@ def main(argv=None) -> dict:
                         baseline_inputs_models_per_s=work / cert_base["median"], vote_agreement=agree))
 
     data = {"device": _device_name(device), "device_type": device.type, "torch": torch.__version__,
-            "build": _build_info(), "results": results,
+            "build": _build_info(), "results": results, "engine": primary.as_dict(), "engines": engine_rows,
+            "fastest_engine": fastest,
             "settings": {"dataset": dataset + (" (synthetic)" if args.synthetic else ""), "classes": classes,
                          "arch": arch, "n_train": int(x.shape[0]),
                          "n_test": int(xt.shape[0]), "epochs": epochs, "batch_size": batch, "lr": schedule.lr,
@@ -272,6 +314,8 @@ def main(argv=None) -> dict:
                          "load_average_end": list(os.getloadavg()),
                          "noise_backend": _noise_backend()}}
     print_table(results, unit="s", case_width=58, baseline_width=24)
+    if len(engine_rows) > 1:
+        print(engines_markdown(data))
     if args.json:
         _write(args.json, json.dumps(data, indent=2) + "\n")
     if not smoke or args.md:
@@ -279,6 +323,14 @@ def main(argv=None) -> dict:
         old = md.read_text() if md.exists() else ""
         _write(md, update_page(old, device.type, markdown(data)))
     return data
+
+
+@torch.no_grad()
+def _clean_votes(group: GroupedModel, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The ensemble's majority class on clean inputs (a sanity check that an engine trained models)."""
+    group = group.to(device).eval()
+    logits = group(x.to(device).unsqueeze(0).expand(group.models, *x.shape))  # [Mc, B, K]
+    return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).sum(0).argmax(-1).cpu()
 
 
 def _scale(t: dict, factor: float, shift: float = 0.0) -> dict:
@@ -305,56 +357,6 @@ def _write(path, text: str) -> None:
     from certssb.core.files import atomic_write_text
     atomic_write_text(path, text)
     print(f"wrote {path}")
-
-
-PAGE_HEAD = ("# Ensemble training and certification throughput\n\n"
-             "Generated by `python benchmarks/bench_training.py [--device cuda]`: each run replaces its own "
-             "device's section; do not edit by hand.\n")
-
-
-def update_page(old: str, device_type: str, section: str) -> str:
-    """The results page with this device type's section replaced (or added), the others kept."""
-    start, end = f"<!-- bench_training:{device_type} -->", f"<!-- /bench_training:{device_type} -->"
-    block = f"{start}\n{section}{end}\n"
-    if start in old and end in old:
-        before, rest = old.split(start, 1)
-        return before + block + rest.split(end, 1)[1].lstrip("\n")
-    return (old if old.startswith("# ") else PAGE_HEAD) + "\n" + block
-
-
-def markdown(data: dict) -> str:
-    s = data["settings"]
-    if "load_average_start" in s:
-        load = (f"{s['load_average_start'][0]:.2f} at the start, {s['load_average_end'][0]:.2f} at the end")
-    else:  # files written before the start/end split recorded one reading, at the end
-        load = f"{s['load_average'][0]:.2f} at the end"
-    lines = [
-        f"## {data['device_type'].upper()}: {data['device']}",
-        "",
-        f"torch {data['torch']}; noise draws: {s['noise_backend']}. Machine load "
-        f"(1-minute load average, this benchmark included) {load}.",
-        "",
-        *([data["note"], ""] if data.get("note") else []),
-        f"Task: {s['dataset']} classes {s['classes']}, {s['n_train']} training images, {s['arch']}, "
-        f"{s['epochs']} epochs, batch {s['batch_size']}, Adam lr {s['lr']}. Vectorized "
-        f"(`certssb.smoothing.training.train_group`): one group of Mc = {s['group_size']} models sharing the mini-batch "
-        f"order, forward, backward and Adam step in chunks of {s['chunk']} model(s)"
-        + (f", {s['threads']} chunks at a time on single-threaded workers" if data["device_type"] == "cpu"
-           and s["threads"] > 1 and s["chunk"] < s["group_size"] else "")
-        + f"; the group's noisy training set drawn once through `noisy_copies`"
-        f"{' and kept' if s['noise_cache'] else ''} ({s['noise_draw_s']:.1f} s). Serial RAB-style loop: "
-        f"{s['serial_models']} models one at a time, each with its own stored torch.randn noise, shuffling "
-        f"DataLoader and Adam. Both paths alternate, median of {s['repeats']} repeat(s); models/h are at these "
-        "settings (training-set size and epochs).",
-        "",
-        "| case | vectorized (min-max) | baseline | baseline (min-max) | speedup | throughput |",
-        "|---|---:|---|---:|---:|---|",
-    ]
-    for r in data["results"]:
-        lines.append(f"| {r['case']} | {r['fast_s']:.3f} s ({r['fast_spread'][0]:.3f}-{r['fast_spread'][1]:.3f}) | "
-                     f"{r['baseline']} | {r['baseline_s']:.3f} s ({r['baseline_spread'][0]:.3f}-"
-                     f"{r['baseline_spread'][1]:.3f}) | {r['speedup']:.2f}x | {r['throughput']} |")
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

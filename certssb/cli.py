@@ -130,6 +130,10 @@ def _add_common(p: argparse.ArgumentParser, out_required: bool = False) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="kernels",
                    help="kernels: the native C++/CUDA ops (default); reference: pure PyTorch, same results")
     p.add_argument("--seed", type=int, default=0, help="run seed: every random choice derives from it")
+    p.add_argument("--engine", default="auto",
+                   help="precision and execution of the models: auto (fp32 on a CPU, per architecture on a "
+                        "GPU), or PRECISION[+OPTION...] with PRECISION fp32, tf32 or bf16 and OPTIONs bmm, "
+                        "nchw, compile, graph (CUDA only), e.g. bf16+compile (default auto; recorded)")
     p.add_argument("--eval-batch-size", type=int, default=128,
                    help="noisy images per forward pass in the sigma search and certification (default 128)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -160,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="kernels (native ops) or reference (pure PyTorch); default: the run's")
+    p.add_argument("--engine", default=None, help="precision of the votes' forward (see `run --engine`); "
+                                                  "default: the run's")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--debug", action="store_true")
     p = sub.add_parser("grid", help="the paper's experiment grid: many runs from experiment files, "
@@ -186,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", default="docs/results", help="where the pages go (default %(default)s)")
     p.add_argument("--readme", default=None, metavar="FILE",
                    help="also rewrite the results block of this README (between its results markers)")
+    p.add_argument("--gpu-checks", metavar="JSON", default=None,
+                   help="first keep the full-scale cells of this gpu-checks.json (benchmarks/gpu_checks.sh) under "
+                        "DOCS/cells and write the CUDA section of DOCS/training.md from it")
     p.add_argument("--debug", action="store_true")
     p = sub.add_parser("certify-stream", help="certify new inputs (a file or an image folder) with a trained "
                                               "run's ensemble, chunk by chunk; a rerun continues an interrupted job")
@@ -227,7 +236,7 @@ CONFIG_KEYS = ("dataset", "data_dir", "classes", "image_size", "max_train", "max
                "poison_rate", "target", "all_to_all", "method", "sigma0", "sigma_steps", "sigma_draws",
                "sigma_lr", "sigma_min", "sigma_max", "models", "epochs", "base_epochs", "batch_size", "lr",
                "arch", "bound", "alpha", "radii", "storage_update", "region_order", "seed", "device",
-               "backend", "out", "eval_batch_size", "group_size")
+               "backend", "out", "eval_batch_size", "group_size", "engine")
 
 
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -304,7 +313,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return 0
     if args.command == "certify":
         from .runner.rundir import RunDir
-        keys = ("bound", "alpha", "radii", "storage_update", "region_order", "device", "backend")
+        keys = ("bound", "alpha", "radii", "storage_update", "region_order", "device", "backend", "engine")
         cfg = RunDir.open(args.out, {k: getattr(args, k, None) for k in keys}).config
         regions = None
         if args.regions is not None:
@@ -321,6 +330,10 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return _grid(args)
     if args.command == "pages":
         from .report.pages import write_pages
+        if args.gpu_checks:
+            from .report.gpu_checks import import_gpu_checks
+            for path in import_gpu_checks(args.gpu_checks, args.docs):
+                print(f"wrote {path}")
         for path in write_pages(args.runs, args.docs, readme=args.readme):
             print(f"wrote {path}")
         return 0

@@ -10,6 +10,7 @@ Clopper-Pearson (Bonferroni over classes) by the hard counts.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -30,7 +31,8 @@ from ..kernels.radius import certify_radius
 from ..kernels.vote import MAX_MODELS, UNITS_PER_ONE, reference_accumulate, vote_accumulate, vote_top2
 from ..smoothing.noise import Stream, check_noise_inputs, noisy_copies
 from ..smoothing.training import default_chunk, memory_format
-from ..models.grouped import GroupedModel
+from ..models.grouped import GroupedModel, set_conv_impl, to_grouped_layout
+from ..smoothing.engine import Engine
 
 MODES = ("rab", "paper")
 # certify_models takes images in [0, 1]; triggered or adversarially perturbed inputs (an unclipped
@@ -131,7 +133,8 @@ class Certificates:
 def collect_votes(models: Iterable, x: torch.Tensor, sigma: torch.Tensor, *, seed: int, num_classes: int,
                   batch_size: int = 128, device: torch.device | str = "cpu", progress=None,
                   votes: Votes | None = None,
-                  on_group: Callable[[list[int], Votes], None] | None = None) -> Votes:
+                  on_group: Callable[[list[int], Votes], None] | None = None,
+                  engine: Engine | None = None) -> Votes:
     """Stream the ensemble's votes on x [B, C, H, W] with per-input noise levels sigma [B].
 
     `models` yields any mix of
@@ -144,7 +147,10 @@ def collect_votes(models: Iterable, x: torch.Tensor, sigma: torch.Tensor, *, see
     `progress`: a tqdm bar advanced by 1 per model. `votes`: accumulators to continue
     (e.g. restored by `VoteCheckpoint` after an interruption; the models in `models` must
     be the ones not yet counted), else zeros. `on_group(ks, votes)` is called after each
-    group's votes are in (to checkpoint them). Example::
+    group's votes are in (to checkpoint them). `engine`: the precision and execution
+    variant of the models' forward (`certssb.smoothing.engine`; None: fp32, today's
+    computation); the noise is drawn exactly as always, in x's dtype, and the logits
+    vote in float32. Example::
 
         votes = collect_votes(ens.iter_groups(), x, sigma, seed=0, num_classes=2)
     """
@@ -167,12 +173,15 @@ def collect_votes(models: Iterable, x: torch.Tensor, sigma: torch.Tensor, *, see
     for pos, item in enumerate(models):
         ks, forward = _as_group(item, pos, memory_format(x))
         parts = _cpu_chunks(ks, forward, tuple(x.shape[1:]), batch_size, device)
+        if engine is not None and not engine.is_default:
+            parts = [(j0, j1, _engine_forward(f, engine, device)) for j0, j1, f in parts]
 
         def run(part, noisy: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():  # grad mode is per thread
                 return part[2](noisy[part[0]:part[1]])
 
-        with torch.no_grad(), training.ChunkWorkers(device, len(parts)) as workers:
+        flags = engine.math_flags(device) if engine is not None else contextlib.nullcontext()
+        with torch.no_grad(), training.ChunkWorkers(device, len(parts)) as workers, flags:
             for start in range(0, n, batch_size):
                 xb = x[start:start + batch_size].to(device)
                 sb = sigma[start:start + batch_size].to(device=device, dtype=xb.dtype)
@@ -203,6 +212,29 @@ def _cpu_chunks(ks: list[int], forward, sample_shape, batch_size: int, device: t
     if c >= forward.models:
         return [(0, len(ks), forward)]
     return [(i, i + part.models, part.eval()) for i, part in zip(range(0, len(ks), c), forward.split(c))]
+
+
+def _engine_forward(forward, engine: Engine, device: torch.device):
+    """forward (noisy [Mc, b, ...] -> logits [Mc, b, K]) run by `engine`: its precision (autocast),
+    convolution implementation, memory format and compilation. A CUDA graph is a training-step
+    option only: the votes' forward runs eagerly (or compiled)."""
+    if isinstance(forward, GroupedModel):
+        group = forward
+        if engine.bmm:
+            set_conv_impl(group, "bmm")
+        group.to(memory_format=engine.memory_format)
+
+        def fwd(noisy: torch.Tensor) -> torch.Tensor:
+            xg = to_grouped_layout(noisy)
+            if not engine.channels_last:
+                xg = xg.contiguous()
+            with engine.forward_context(device):
+                return group.forward_grouped(xg)
+    else:
+        def fwd(noisy: torch.Tensor) -> torch.Tensor:
+            with engine.forward_context(device):
+                return forward(noisy)
+    return torch.compile(fwd, dynamic=False) if engine.compile else fwd
 
 
 def _as_group(item, pos: int, fmt: torch.memory_format):

@@ -64,10 +64,33 @@ class GroupedConv2d(nn.Module):
         self.weight = nn.Parameter(torch.cat([m.weight.detach() for m in convs]).clone())
         self.bias = (nn.Parameter(torch.cat([m.bias.detach() for m in convs]).clone())
                      if c.bias is not None else None)
+        self.kernel_size = c.kernel_size
+        # "grouped": one grouped convolution (cuDNN / oneDNN); "bmm": unfold + one batched matrix
+        # product over the model axis (`set_conv_impl`); the same convolution either way
+        self.impl = "grouped"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.impl == "bmm" and self.groups == 1:
+            return self._forward_bmm(x)
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
                         self.groups * self.models)
+
+    def _forward_bmm(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution as unfold + [Mc, Cout, Cin*k] @ [Mc, Cin*k, B*L]: a dense product per model."""
+        b, _, h, w = x.shape
+        kh, kw = self.kernel_size
+        cols = F.unfold(x, (kh, kw), dilation=self.dilation, padding=self.padding, stride=self.stride)
+        k = self.in_channels * kh * kw  # unfold's rows: channel-major, so model m's rows are one block
+        ho = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        wo = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        cols = cols.reshape(b, self.models, k, ho * wo).permute(1, 2, 0, 3).reshape(self.models, k, b * ho * wo)
+        wm = self.weight.reshape(self.models, self.out_channels, k)
+        out = torch.bmm(wm, cols)  # [Mc, Cout, B*L]
+        if self.bias is not None:
+            out = out + self.bias.reshape(self.models, self.out_channels, 1).to(out.dtype)
+        out = out.reshape(self.models * self.out_channels, b, ho, wo).transpose(0, 1)
+        return out.contiguous(memory_format=torch.channels_last if x.is_contiguous(
+            memory_format=torch.channels_last) else torch.contiguous_format)
 
     def split(self) -> list[dict[str, torch.Tensor]]:
         out = []
@@ -259,6 +282,16 @@ class GroupedModel(nn.Module):
         return states
 
 
+def set_conv_impl(module: nn.Module, impl: str) -> None:
+    """Run every GroupedConv2d of `module` as "grouped" (one grouped convolution) or "bmm" (unfold +
+    batched matrix product over the models). Same values up to float rounding; see certssb.smoothing.engine."""
+    if impl not in ("grouped", "bmm"):
+        raise CertssbError(f"unknown convolution implementation {impl!r}; use grouped or bmm")
+    for m in module.modules():
+        if isinstance(m, GroupedConv2d):
+            m.impl = impl
+
+
 def _loaded(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     m = copy.deepcopy(template)
     m.load_state_dict(state)
@@ -324,4 +357,4 @@ def from_states(arch: str, in_channels: int, num_classes: int, image_size: tuple
 
 
 __all__ = ["GroupedModel", "GroupedConv2d", "GroupedBatchNorm2d", "GroupedLinear", "from_states",
-           "to_grouped_layout", "activation_floats"]
+           "to_grouped_layout", "activation_floats", "set_conv_impl"]

@@ -20,6 +20,7 @@ from ..certify.bounds import BOUNDS as BOUND_NAMES
 from ..data import dataset_names, get_dataset, training_defaults
 from ..errors import CertssbError
 from ..kernels import check_backend
+from ..smoothing.engine import check_engine
 from ..models import arch_names
 
 METHOD_NAMES = ("cert-ssb", "rab")
@@ -70,6 +71,9 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     backend: str = "kernels"  # "kernels": native C++/CUDA ops; "reference": pure PyTorch (same results)
+    # precision / execution variant of the grouped models (certssb.smoothing.engine): "auto" is fp32 on a
+    # CPU (today's computation) and per architecture on a GPU; the resolved engine is recorded
+    engine: str = "auto"
     out: str = "runs/latest"
 
     # ---------------------------------------------------------------- helpers
@@ -181,6 +185,7 @@ class RunConfig:
                 (not isinstance(r, (int, float))) or (not math.isfinite(r)) or r < 0 for r in self.radii)):
             raise CertssbError(f"--radii must be non-negative finite numbers, got {self.radii}")
         check_backend(self.backend)
+        check_engine(self.engine)
         if self.region_order not in ("index", "random"):
             raise CertssbError(f"--region-order must be index or random, got {self.region_order!r}")
         if self.trigger_pixel is not None and (len(self.trigger_pixel) != 2 or any(

@@ -26,6 +26,7 @@ from .config import RunConfig, resolve_device
 from ..data import load_task
 from ..core.distributed import Dist, all_reduce_votes
 from ..smoothing.ensemble import EnsembleDir, EnsembleSpec
+from ..smoothing.engine import Engine, resolve_engine
 from ..errors import CertssbError
 from ..core.files import atomic_write_json, atomic_write_text, read_json, save_tensors
 from ..kernels import using_backend
@@ -191,7 +192,7 @@ def stage_sigma(p: Prepared, out: Path, progress: bool, log) -> tuple[dict[str, 
             # eval_batch_size counts noisy images per pass: each sample brings `draws` of them
             sig[split] = optimize_sigma(base, xs, sample_ids(split, xs.shape[0]), search, seed=cfg.seed,
                                         batch_size=max(1, cfg.eval_batch_size // search.draws),
-                                        device=p.device, progress=bar)
+                                        device=p.device, progress=bar, engine=_engine(p))
     seconds = time.perf_counter() - t0
     save_tensors(path, sig, metadata={"certssb": "sigma", "fingerprint": fp, "seconds": f"{seconds:.3f}",
                                       "search": json.dumps(search.as_dict())})
@@ -201,12 +202,17 @@ def stage_sigma(p: Prepared, out: Path, progress: bool, log) -> tuple[dict[str, 
     return sig, seconds
 
 
+def _engine(p: Prepared) -> Engine:
+    """The run's engine on its device (RunConfig.engine, 'auto' resolved per device and architecture)."""
+    return resolve_engine(p.cfg.engine, p.device, p.arch)
+
+
 def _ensemble(p: Prepared, out: Path, method: str, sigma_train: torch.Tensor) -> EnsembleDir:
     c, h, w = p.task.image_shape
     fp = _hash("ensemble", p.data_fp, method, sigma_train)
     spec = EnsembleSpec(method=method, arch=p.arch, in_channels=c, num_classes=p.task.num_classes,
                         image_size=(h, w), models=p.cfg.models, schedule=p.schedule, seed=p.cfg.seed,
-                        fingerprint=fp, group_size=p.cfg.group_size)
+                        fingerprint=fp, group_size=p.cfg.group_size, engine=_engine(p))
     return EnsembleDir(out / "models" / method, spec)
 
 
@@ -259,7 +265,7 @@ def stage_certify(p: Prepared, out: Path, method: str, ens: EnsembleDir, sigma: 
     ckpt = None if p.dist.enabled else VoteCheckpoint(
         out / f"votes-{method}.partial.safetensors",
         _hash("votes", ens.spec.fingerprint, x_all, sigma_all, cfg.seed, cfg.eval_batch_size, cfg.backend,
-              torch.device(p.device).type))
+              torch.device(p.device).type, *([] if _engine(p).is_default else [_engine(p).name])))
     start_votes, done = ckpt.load(x_all.shape[0], p.task.num_classes) if ckpt else (None, set())
     if done:
         log(f"{method}: continuing the votes of an interrupted certification ({len(done)} models counted)")
@@ -269,7 +275,7 @@ def stage_certify(p: Prepared, out: Path, method: str, ens: EnsembleDir, sigma: 
         votes = collect_votes(groups, x_all, sigma_all, seed=cfg.seed,
                               num_classes=p.task.num_classes, batch_size=cfg.eval_batch_size,
                               device=p.device, progress=bar, votes=start_votes,
-                              on_group=ckpt.saver(done) if ckpt else None)
+                              on_group=ckpt.saver(done) if ckpt else None, engine=_engine(p))
     all_reduce_votes(votes, p.dist)  # each rank voted with its own groups
     t_votes = time.perf_counter() - t0
     if not p.dist.is_main:
@@ -370,7 +376,8 @@ def _run(cfg: RunConfig, dist: Dist, *, train: bool, certify: bool, progress: bo
     if dist.is_main:
         header = {"format": RUN_FORMAT, "certssb": package_version(), "torch": torch.__version__,
                   "python": platform.python_version(), "config": cfg.to_dict()}
-        if train or not (out / "config.json").exists() or results == out:
+        write_run_config = train or not (out / "config.json").exists() or results == out
+        if write_run_config:
             atomic_write_json(out / "config.json", header)
         if results != out:  # certification settings of this results folder, beside its summary
             results.mkdir(parents=True, exist_ok=True)
@@ -379,10 +386,19 @@ def _run(cfg: RunConfig, dist: Dist, *, train: bool, certify: bool, progress: bo
     _warn_if_nothing_can_be_certified(cfg, p.task.num_classes, log)
     p.device = dist.device(p.device)
     p.dist = dist.init(p.device)
+    engine = _engine(p)
+    log(f"engine: {engine.name}" + (" (auto)" if cfg.engine == "auto" else ""))
+    if dist.is_main:  # the resolved engine beside the setting, in config.json (and summary.json below)
+        header["engine"] = engine.as_dict()
+        if write_run_config:
+            atomic_write_json(out / "config.json", header)
+        if results != out:
+            atomic_write_json(results / "config.json", {**header, "run_dir": str(out)})
     summary: dict = {
         "config": cfg.to_dict(),
         "versions": {"certssb": package_version(), "torch": torch.__version__, "python": platform.python_version()},
         "device": str(p.device),
+        "engine": engine.as_dict(),
         "dataset": {"name": p.task.name, "classes": p.task.classes, "class_names": p.task.class_names,
                     "n_train": int(p.task.x_train.shape[0]), "n_test": int(p.task.x_test.shape[0]),
                     "n_triggered": int(p.triggered.x.shape[0]), "image_shape": list(p.task.image_shape),

@@ -40,6 +40,7 @@ from ..core.files import atomic_write_json, load_tensors, read_json, safe_child,
 from ..models import build_model
 from .noise import check_noise_inputs
 from ..core.seeding import derive_seed
+from .engine import Engine
 from .training import GroupNoise, Schedule, train_group
 from ..models.grouped import GroupedModel, activation_floats, from_states
 
@@ -69,6 +70,7 @@ class EnsembleSpec:
     seed: int
     fingerprint: str  # hash of everything upstream (data, attack, sigma) that the models depend on
     group_size: Optional[int] = None  # None: recorded in the manifest, else chosen from free memory
+    engine: Engine = Engine()  # how groups compute (certssb.smoothing.engine); recorded in the manifest
 
     def new_model(self, k: int) -> nn.Module:
         """Model k with its own deterministic initialisation (shared across methods)."""
@@ -76,11 +78,14 @@ class EnsembleSpec:
         return build_model(self.arch, self.in_channels, self.num_classes, self.image_size)
 
     def manifest_header(self) -> dict:
-        return {"format": MANIFEST_FORMAT, "method": self.method, "arch": self.arch,
-                "in_channels": self.in_channels, "num_classes": self.num_classes,
-                "image_size": list(self.image_size), "models": self.models,
-                "schedule": self.schedule.as_dict(), "seed": self.seed,
-                "fingerprint": self.fingerprint}
+        header = {"format": MANIFEST_FORMAT, "method": self.method, "arch": self.arch,
+                  "in_channels": self.in_channels, "num_classes": self.num_classes,
+                  "image_size": list(self.image_size), "models": self.models,
+                  "schedule": self.schedule.as_dict(), "seed": self.seed,
+                  "fingerprint": self.fingerprint}
+        if not self.engine.is_default:  # fp32 manifests stay as they were
+            header["engine"] = self.engine.name
+        return header
 
 
 def model_file(k: int) -> str:
@@ -111,10 +116,10 @@ class EnsembleDir:
     def _check_header(self, saved: dict, where: Path) -> None:
         header = self.spec.manifest_header()
         for key in _HEADER_KEYS:
-            if saved.get(key) != header[key]:
+            if saved.get(key) != header.get(key):
                 raise CheckpointError(
                     f"{where} was written for a different run ({key}: {saved.get(key)!r} != "
-                    f"{header[key]!r}); use a new --out directory or delete {self.path} to retrain")
+                    f"{header.get(key)!r}); use a new --out directory or delete {self.path} to retrain")
 
     def _load_manifest(self) -> dict:
         if not self.manifest_path.exists():
@@ -266,7 +271,13 @@ class EnsembleDir:
             raise CertssbError(f"sigma must have shape [{x.shape[0]}], got {got}")
         check_noise_inputs(x, sigma)  # finite images, finite sigma > 0
         self.path.mkdir(parents=True, exist_ok=True)
-        self._load_manifest()  # refuses a folder of another run
+        manifest = self._load_manifest()  # refuses a folder of another run
+        trained_with = manifest.get("engine")  # None: fp32, the default (manifests before engines)
+        if manifest.get("finished") and trained_with != spec.manifest_header().get("engine"):
+            # the M models must be draws of one training procedure (docs/THEORY.md section 7.2)
+            raise CheckpointError(
+                f"{self.path} holds models trained with engine {trained_with or 'fp32'}, not "
+                f"{spec.engine.name}; rerun with --engine {trained_with or 'fp32'} to resume, or use a new --out")
         g_size = self.resolve_group_size(x, device, dist)
         ranges = group_ranges(spec.models, g_size)
         mine = shard(list(enumerate(ranges)), dist)
@@ -287,7 +298,7 @@ class EnsembleDir:
             t_group = time.perf_counter()
             group = GroupedModel([spec.new_model(k) for k in ks])
             train_group(group, x, y, sigma, models=ks, schedule=spec.schedule, seed=spec.seed,
-                        device=device, cache_noise=cache, progress=_Scaled(bar, len(ks)))
+                        device=device, cache_noise=cache, progress=_Scaled(bar, len(ks)), engine=spec.engine)
             files = {}
             for k, state in zip(ks, group.state_dicts()):
                 path = self.path / model_file(k)
@@ -302,7 +313,8 @@ class EnsembleDir:
             atomic_write_json(self._record_path(g), {
                 "header": spec.manifest_header(), "group": g, "group_size": g_size,
                 "models": [ks.start, ks.stop], "files": files,
-                "seconds": round(time.perf_counter() - t_group, 3), "device": str(device)})
+                "seconds": round(time.perf_counter() - t_group, 3), "device": str(device),
+                "engine": spec.engine.as_dict()})
             if dist is None or not dist.enabled:
                 self._write_manifest(g_size)
         bar.close()
@@ -416,7 +428,8 @@ def model_memory(spec: EnsembleSpec, sample_shape: Sequence[int], batch_size: in
     params = sum(p.numel() for p in model.parameters())
     per_sample = activation_floats(model, sample_shape)
     d = int(torch.tensor(list(sample_shape)).prod())
-    return 4 * (4 * params + batch_size * (3 * per_sample + 2 * d))
+    act = spec.engine.activation_bytes  # bf16 activations take half
+    return 4 * 4 * params + batch_size * (act * 3 * per_sample + 4 * 2 * d)
 
 
 def choose_group_size(spec: EnsembleSpec, x: torch.Tensor, device: torch.device) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from ..errors import CertssbError
 from ..kernels.dispatch import use_native
 from ..kernels.radius import radius_proxy as kernel_radius_proxy
 from .noise import Stream, noisy_copies
+from .engine import Engine
 from .training import memory_format
 
 
@@ -65,11 +67,14 @@ class SigmaSearch:
 
 def optimize_sigma(model: nn.Module, x: torch.Tensor, ids: torch.Tensor, search: SigmaSearch, *,
                    seed: int, batch_size: int = 32, device: torch.device | str = "cpu",
-                   progress=None) -> torch.Tensor:
+                   progress=None, engine: Optional[Engine] = None) -> torch.Tensor:
     """Optimised sigma [N] (float32, CPU) for the samples x [N, C, H, W] with SIGMA-stream ids [N].
 
     `model` is the base model (put in eval mode; its weights get no gradient).
     `progress`: optional tqdm bar advanced by the number of samples done.
+    `engine`: the precision of the model's forward (`certssb.smoothing.engine`: bf16 runs it
+    under autocast, tf32 allows TF32 on a GPU; None: fp32, today's computation); the draws,
+    the radius proxy and sigma stay float32.
     """
     search.validate()
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
@@ -95,7 +100,12 @@ def optimize_sigma(model: nn.Module, x: torch.Tensor, ids: torch.Tensor, search:
                 draws = _draws(xb, sigma, ib, step, search.draws, seed)  # [n, B, ...]
                 n, b = draws.shape[:2]
                 flat = draws.reshape(n * b, *xb.shape[1:])
-                probs = torch.softmax(model(flat.contiguous(memory_format=memory_format(flat))), dim=1)
+                if engine is None or engine.is_default:
+                    probs = torch.softmax(model(flat.contiguous(memory_format=memory_format(flat))), dim=1)
+                else:
+                    with engine.math_flags(device), engine.forward_context(device):
+                        logits = model(flat.contiguous(memory_format=memory_format(flat)))
+                    probs = torch.softmax(logits.float(), dim=1)
                 mean_probs = probs.reshape(n, b, -1).mean(0)
                 r = _radius_proxy(mean_probs, sigma, search.prob_clamp)
                 (grad,) = torch.autograd.grad(r.sum(), sigma)

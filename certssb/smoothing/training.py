@@ -25,7 +25,8 @@ from torch import nn
 from ..errors import CertssbError
 from .noise import Stream, check_noise_inputs, noisy_copies
 from ..core.seeding import generator
-from ..models.grouped import GroupedModel, activation_floats
+from ..models.grouped import GroupedModel, activation_floats, set_conv_impl
+from .engine import Engine
 
 # noise_fn(x_batch, idx_batch, epoch) -> noisy batch, same shape as x_batch.
 NoiseFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -133,14 +134,17 @@ class GroupNoise:
                  device: torch.device, cache: bool, chunk: int = 256) -> None:
         self.x, self.sigma, self.seed = x, sigma.to(torch.float32), seed
         self.models = list(models)
-        self.device = device
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            # resident on the GPU: batches are gathered by index there, nothing crosses the bus per step
+            self.x, self.sigma = x.to(self.device), self.sigma.to(self.device)
         self.cache: Optional[torch.Tensor] = None
         if cache:
             n = x.shape[0]
             mc = len(self.models)
             c, rest = x.shape[1], tuple(x.shape[2:])
             # stored as [N, H, W, Mc*C]: a gathered batch is a channels_last [b, Mc*C, H, W] view
-            store = torch.empty((n, *rest, mc * c), dtype=x.dtype, device=device)
+            store = torch.empty((n, *rest, mc * c), dtype=x.dtype, device=self.device)
             for start in range(0, n, chunk):
                 idx = torch.arange(start, min(start + chunk, n))
                 store[start:start + len(idx)] = self._draw(idx).movedim(1, -1)
@@ -148,8 +152,9 @@ class GroupNoise:
 
     def _draw(self, idx: torch.Tensor) -> torch.Tensor:
         """[b, Mc*C, H, W] noisy inputs for training samples idx (CPU int64)."""
-        xb = self.x[idx].to(self.device, non_blocking=True)
-        sb = self.sigma[idx].to(self.device, non_blocking=True)
+        idx_x = idx.to(self.x.device, non_blocking=True)
+        xb = self.x[idx_x].to(self.device, non_blocking=True)
+        sb = self.sigma[idx_x].to(self.device, non_blocking=True)
         noisy = noisy_copies(xb, sb, seed=self.seed, stream=int(Stream.TRAIN), models=self.models,
                              ids=idx.to(self.device), check=False)  # [Mc, b, C, H, W]; checked in train_group
         b = xb.shape[0]
@@ -165,7 +170,10 @@ class GroupNoise:
         out = self._draw(idx)
         if slots is not None:
             out = out[:, slots[0] * self.x.shape[1]:slots[1] * self.x.shape[1]]
-        return out.contiguous(memory_format=torch.channels_last) if out.dim() == 4 else out
+        return out.contiguous(memory_format=self.memory_format) if out.dim() == 4 else out
+
+    # the layout of drawn batches (an engine with '+nchw' sets contiguous_format)
+    memory_format: torch.memory_format = torch.channels_last
 
     @staticmethod
     def nbytes(x: torch.Tensor, models: int) -> int:
@@ -232,7 +240,7 @@ def default_chunk(model: nn.Module, models: int, sample_shape: Sequence[int], ba
 def train_group(group: GroupedModel, x: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor, *,
                 models: Sequence[int], schedule: Schedule, seed: int, device: torch.device | str = "cpu",
                 cache_noise: bool = False, chunk: Optional[int] = None, noise: Optional[GroupNoise] = None,
-                progress=None) -> GroupedModel:
+                progress=None, engine: Optional[Engine] = None) -> GroupedModel:
     """Train the Mc models of `group` at once, in place; returns the group in eval mode.
 
     x: [N, C, H, W] float32 (CPU), y: [N] int64, sigma: [N] per-sample noise
@@ -247,12 +255,15 @@ def train_group(group: GroupedModel, x: torch.Tensor, y: torch.Tensor, sigma: to
     cache-sized on a CPU, where the chunks run concurrently on the cores:
     `ChunkWorkers`), which changes nothing but speed. `noise`: the group's `GroupNoise` if
     already drawn (else drawn here, kept when `cache_noise`). `progress`: an
-    optional tqdm bar advanced by one per epoch. Example::
+    optional tqdm bar advanced by one per epoch. `engine`: precision and execution
+    variant (`certssb.smoothing.engine`; None: fp32, today's computation). Example::
 
         g = GroupedModel([spec.new_model(k) for k in range(8, 16)])
         train_group(g, x, y, sigma, models=range(8, 16), schedule=Schedule(20, 128, 1e-3), seed=0)
     """
     device = torch.device(device)
+    engine = Engine() if engine is None else engine
+    engine.check_device(device)
     models = list(models)
     mc = group.models
     if len(models) != mc:
@@ -264,20 +275,41 @@ def train_group(group: GroupedModel, x: torch.Tensor, y: torch.Tensor, sigma: to
     if chunk is None:
         chunk = default_chunk(group._template, mc, tuple(x.shape[1:]), schedule.batch_size, device)
     parts = group.split(chunk) if chunk < mc else [group]
+    if engine.graph and len(parts) > 1:
+        raise CertssbError(f"engine {engine.name!r}: a CUDA graph captures the whole group; train it in one "
+                           f"chunk (chunk={chunk} < {mc} models)")
+    fmt = engine.memory_format
     bounds = []
     for part in parts:
         start = bounds[-1][1] if bounds else 0
         bounds.append((start, start + part.models))
-        part.to(device=device, memory_format=torch.channels_last).train()
+        part.to(device=device, memory_format=fmt).train()
+        if engine.bmm:
+            set_conv_impl(part, "bmm")
     # one Adam per chunk, stepped right after its backward (Adam is elementwise: the same as one for all)
-    opts = [torch.optim.Adam(part.parameters(), lr=schedule.lr, **_adam_options(device)) for part in parts]
+    opts = [torch.optim.Adam(part.parameters(), lr=schedule.lr, **_adam_options(device, engine))
+            for part in parts]
     if noise is None:
         noise = GroupNoise(x, sigma, seed=seed, models=models, device=device, cache=cache_noise)
     elif noise.models != models:
         raise CertssbError(f"the noise was drawn for models {noise.models[:3]}..., not {models[:3]}...")
+    if not engine.channels_last:
+        noise.memory_format = fmt
     c = x.shape[1]
     n = x.shape[0]
     y_dev = y.to(device)
+
+    def group_loss(part: GroupedModel, xp: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        """Sum over models of each model's mean loss: model m's gradient is its own."""
+        with engine.forward_context(device):
+            logits = part.forward_grouped(xp)  # [mc, b, K]
+        b = yb.shape[0]
+        if logits.dtype in (torch.bfloat16, torch.float16):
+            logits = logits.float()  # the loss in float32 (autocast would, too)
+        return F.cross_entropy(logits.reshape(part.models * b, -1), yb.repeat(part.models),
+                               reduction="sum") / b
+
+    losses = [torch.compile(group_loss, dynamic=False) if engine.compile else group_loss for _ in parts]
 
     def step(j: int, idx: torch.Tensor, xb: Optional[torch.Tensor], yb: torch.Tensor) -> None:
         """One optimisation step of chunk j on the batch idx (its inputs from xb or the noise cache)."""
@@ -285,29 +317,91 @@ def train_group(group: GroupedModel, x: torch.Tensor, y: torch.Tensor, sigma: to
         if xb is None:
             xp = noise.batch(idx, (m0, m1))
         else:
-            xp = xb if len(parts) == 1 else xb[:, m0 * c:m1 * c].contiguous(memory_format=torch.channels_last)
-        logits = part.forward_grouped(xp)  # [mc, b, K]
-        b = yb.shape[0]
-        # sum over models of each model's mean loss: model m's gradient is its own
-        loss = F.cross_entropy(logits.reshape(part.models * b, -1), yb.repeat(part.models), reduction="sum") / b
+            xp = xb if len(parts) == 1 else xb[:, m0 * c:m1 * c].contiguous(memory_format=fmt)
+        if engine.is_default:
+            logits = part.forward_grouped(xp)  # [mc, b, K]
+            b = yb.shape[0]
+            # sum over models of each model's mean loss: model m's gradient is its own
+            loss = F.cross_entropy(logits.reshape(part.models * b, -1), yb.repeat(part.models),
+                                   reduction="sum") / b
+        else:
+            loss = losses[j](part, xp.contiguous(memory_format=fmt) if xp.dim() == 4 else xp, yb)
         opts[j].zero_grad(set_to_none=True)
         loss.backward()
         opts[j].step()
 
-    with ChunkWorkers(device, len(parts)) as workers, _cudnn_autotune(device):
+    graphed = _GraphStep(lambda idx: step(0, idx, noise.batch(idx), y_dev[idx]), opts[0],
+                         schedule.batch_size, device) if engine.graph else None
+    with ChunkWorkers(device, len(parts)) as workers, _cudnn_autotune(device), engine.math_flags(device):
         for epoch in range(schedule.epochs):
             order = batch_order(seed, epoch, n)
+            if device.type == "cuda":
+                order = order.to(device)  # batches by index on the GPU, where the data live
             for start in range(0, n, schedule.batch_size):
                 idx = order[start:start + schedule.batch_size]
+                if graphed is not None and idx.shape[0] == schedule.batch_size:
+                    graphed(idx)
+                    continue
                 # drawn: one noisy_copies call for the whole group; cached: each chunk gathers its slots
                 xb = noise.batch(idx) if noise.cache is None else None
                 yb = y_dev[idx.to(device)]
                 workers.map(lambda j: step(j, idx, xb, yb), range(len(parts)))
             if progress is not None:
                 progress.update(1)
+    if graphed is not None:
+        graphed.close()
     if len(parts) > 1:
         group.load_states([st for part in parts for st in part.state_dicts()])
+    if engine.bmm:
+        set_conv_impl(group, "grouped")
     return group.to(device).eval()
+
+
+class _GraphStep:
+    """The whole training step of a group (noise draw, forward, backward, Adam) as one CUDA graph.
+
+    The first WARMUP full batches run eagerly on a side stream (real steps: they train the
+    models, and let cuDNN pick its algorithms and the allocator settle); the next full batch
+    is captured (torch.cuda.graph: the same kernels on static buffers) and every later full
+    batch copies its indices into the static index buffer and replays the graph. The
+    gradients are set to None before the capture, so the captured backward writes them
+    afresh on each replay, as an eager step after zero_grad(set_to_none=True) does. The
+    smaller last batch of an epoch runs eagerly on the same parameters and Adam state.
+    """
+
+    WARMUP = 3
+
+    def __init__(self, step_fn: Callable[[torch.Tensor], None], opt: torch.optim.Optimizer, batch: int,
+                 device: torch.device) -> None:
+        self.step_fn, self.opt, self.device = step_fn, opt, device
+        self.idx = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.graph: Optional["torch.cuda.CUDAGraph"] = None
+        self.warm = 0
+
+    def __call__(self, idx: torch.Tensor) -> None:
+        self.idx.copy_(idx, non_blocking=True)
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        if self.warm < self.WARMUP:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self.step_fn(self.idx)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.warm += 1
+            return
+        self.opt.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.step_fn(self.idx)  # zero_grad(set_to_none) inside is a no-op on None gradients
+        self.graph = graph
+        graph.replay()  # capturing records the kernels without running them: run this batch's step
+
+    def close(self) -> None:
+        if self.graph is not None:
+            torch.cuda.synchronize(self.device)
+            self.graph = None
 
 
 @contextlib.contextmanager
@@ -324,6 +418,10 @@ def _cudnn_autotune(device: torch.device):
         torch.backends.cudnn.benchmark = saved
 
 
-def _adam_options(device: torch.device) -> dict:
-    """Fused Adam where torch has it for the device: one kernel for all stacked parameters."""
-    return {"fused": True} if device.type in ("cpu", "cuda") else {}
+def _adam_options(device: torch.device, engine: Optional[Engine] = None) -> dict:
+    """Fused Adam where torch has it for the device: one kernel for all stacked parameters
+    (capturable, its step count on the device, under a CUDA-graph engine)."""
+    opts = {"fused": True} if device.type in ("cpu", "cuda") else {}
+    if engine is not None and engine.graph:
+        opts["capturable"] = True
+    return opts
