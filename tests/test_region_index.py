@@ -347,7 +347,8 @@ def test_centred_filter_at_imagenette_size_takes_the_reference_decisions():
         s.check_invariant()
     assert {"trim", "align"} & set(want[2])
     # the filter itself at this size: a superset of the conflicts, and it prunes
-    q = _images(9, 40, dim)
+    d = torch.randn(40, dim, generator=g)
+    q = (x[:40] + d * (torch.rand(40, 1, generator=g) * 4 / d.norm(dim=1, keepdim=True))).clamp(0, 1)
     ql = torch.randint(0, 2, (40,), generator=g).numpy()
     qr = (torch.rand(40, generator=g, dtype=torch.float64) * 3.0).numpy()
     db = arrays(x, labels, radii)
