@@ -103,6 +103,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, help="mini-batch size (default: the paper's per dataset)")
     g.add_argument("--lr", type=float, help="Adam learning rate (default: the paper's per dataset)")
     g.add_argument("--arch", help="model architecture (default: chosen by dataset)")
+    g.add_argument("--init-weights", metavar="FILE", default=None,
+                   help="start every model (ensemble, base, no-defense) from this ResNet-18 checkpoint: "
+                        "safetensors or a torchvision-format state dict (read without running code; "
+                        "nothing is downloaded); the head is re-initialised for the task's classes. "
+                        "resnet18 at --image-size 128 or more only")
     g.add_argument("--group-size", type=int, default=None,
                    help="models trained at once as one vectorized group (default: as many as fit in "
                         "free memory; recorded in the run directory and reused on resume)")
@@ -227,7 +232,7 @@ CONFIG_KEYS = ("dataset", "data_dir", "classes", "image_size", "max_train", "max
                "poison_rate", "target", "all_to_all", "method", "sigma0", "sigma_steps", "sigma_draws",
                "sigma_lr", "sigma_min", "sigma_max", "models", "epochs", "base_epochs", "batch_size", "lr",
                "arch", "bound", "alpha", "radii", "storage_update", "region_order", "seed", "device",
-               "backend", "out", "eval_batch_size", "group_size")
+               "backend", "out", "eval_batch_size", "group_size", "init_weights")
 
 
 def _config_from_args(args: argparse.Namespace) -> RunConfig:

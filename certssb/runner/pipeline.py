@@ -26,6 +26,7 @@ from .config import RunConfig, resolve_device
 from ..data import load_task
 from .distributed import Dist, all_reduce_votes
 from ..smoothing.ensemble import EnsembleDir, EnsembleSpec
+from ..smoothing.pretrained import PretrainedInit
 from ..errors import CertssbError
 from ..core.files import atomic_write_json, atomic_write_text, read_json, save_tensors
 from ..kernels import using_backend
@@ -67,6 +68,11 @@ class Prepared:
     data_fp: str
     device: torch.device
     dist: Dist = field(default_factory=Dist)  # this process's rank under torchrun
+    init: Optional[PretrainedInit] = None  # --init-weights: the pretrained backbone of every model
+
+    def init_fp(self) -> tuple:
+        """Fingerprint parts of --init-weights (none without it: fingerprints as before)."""
+        return () if self.init is None else self.init.fingerprint()
 
 
 def prepare(cfg: RunConfig, log: Callable[[str], None]) -> Prepared:
@@ -100,8 +106,13 @@ def prepare(cfg: RunConfig, log: Callable[[str], None]) -> Prepared:
     schedule = Schedule(cfg.epochs, cfg.batch_size, cfg.lr)
     data_fp = _hash("data", RUN_FORMAT, task.describe(), trigger.describe(), cfg.poison_rate,
                     target_label, cfg.all_to_all, cfg.seed, poisoned.x, poisoned.y)
+    init = None
+    if cfg.init_weights is not None:
+        c, h, w = task.image_shape
+        init = PretrainedInit.load(cfg.init_weights, arch, c, task.num_classes, (h, w))
+        log(f"init: every model starts from {cfg.init_weights} (sha256 {init.sha256[:16]}), heads re-initialised")
     return Prepared(cfg, task, trigger, poisoned, triggered, target_label, arch, schedule, data_fp,
-                    resolve_device(cfg.device))
+                    resolve_device(cfg.device), init=init)
 
 
 def build_trigger(cfg: RunConfig, image_shape: tuple[int, int, int]):
@@ -113,12 +124,13 @@ def build_trigger(cfg: RunConfig, image_shape: tuple[int, int, int]):
 def _new_model(p: Prepared, purpose: str) -> torch.nn.Module:
     torch.manual_seed(derive_seed(p.cfg.seed, "init", purpose))
     c, h, w = p.task.image_shape
-    return build_model(p.arch, c, p.task.num_classes, (h, w))
+    model = build_model(p.arch, c, p.task.num_classes, (h, w))
+    return model if p.init is None else p.init.apply(model)
 
 
 def stage_no_defense(p: Prepared, out: Path, progress: bool, log) -> dict:
     """A plain model on the poisoned set: shows that the attack works without a defense."""
-    fp = _hash("no-defense", p.data_fp, p.arch, p.schedule.as_dict())
+    fp = _hash("no-defense", p.data_fp, p.arch, p.schedule.as_dict(), *p.init_fp())
     path = out / "no_defense.json"
     if path.exists():
         saved = read_json(path)
@@ -153,7 +165,7 @@ def stage_sigma(p: Prepared, out: Path, progress: bool, log) -> tuple[dict[str, 
     """Base model with sigma0, then per-sample sigma for train, clean test and triggered test."""
     cfg = p.cfg
     search = sigma_search(cfg)
-    fp = _hash("sigma", p.data_fp, p.arch, search.as_dict(), cfg.base_epochs, p.schedule.as_dict())
+    fp = _hash("sigma", p.data_fp, p.arch, search.as_dict(), cfg.base_epochs, p.schedule.as_dict(), *p.init_fp())
     path = out / "sigma.safetensors"
     if path.exists():
         from safetensors import safe_open
@@ -203,10 +215,10 @@ def stage_sigma(p: Prepared, out: Path, progress: bool, log) -> tuple[dict[str, 
 
 def _ensemble(p: Prepared, out: Path, method: str, sigma_train: torch.Tensor) -> EnsembleDir:
     c, h, w = p.task.image_shape
-    fp = _hash("ensemble", p.data_fp, method, sigma_train)
+    fp = _hash("ensemble", p.data_fp, method, sigma_train, *p.init_fp())
     spec = EnsembleSpec(method=method, arch=p.arch, in_channels=c, num_classes=p.task.num_classes,
                         image_size=(h, w), models=p.cfg.models, schedule=p.schedule, seed=p.cfg.seed,
-                        fingerprint=fp, group_size=p.cfg.group_size)
+                        fingerprint=fp, group_size=p.cfg.group_size, init=p.init)
     return EnsembleDir(out / "models" / method, spec)
 
 
