@@ -368,6 +368,8 @@ def _experiment_files(names: list[str]) -> list[Path]:
 def _grid(args: argparse.Namespace) -> int:
     from .experiments.grid import Experiment, parse_only, run_grid
     experiments = [Experiment.load(f) for f in _experiment_files(args.experiments)]
+    if not args.dry_run:  # cells reading the same image files share one decode cache
+        os.environ.setdefault("CERTSSB_CACHE", str(Path(args.out) / "cache"))
     overrides = {k: v for k, v in (("device", args.device), ("group_size", args.group_size)) if v is not None}
     cells = run_grid(experiments, args.scale, args.out, only=parse_only(args.only), overrides=overrides,
                      dry_run=args.dry_run, progress=not args.quiet,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import sys
 import time
@@ -77,8 +78,10 @@ class Prepared:
 
 def prepare(cfg: RunConfig, log: Callable[[str], None]) -> Prepared:
     """Stages 1-2: load the task, build the trigger, poison the training set, build test sets."""
+    # decoded image files are cached in $CERTSSB_CACHE, else in the run directory (certssb.data.images)
     task = load_task(cfg.dataset, data_dir=cfg.data_dir, classes=cfg.classes, image_size=cfg.image_size,
-                     max_train=cfg.max_train, max_test=cfg.max_test, seed=cfg.seed)
+                     max_train=cfg.max_train, max_test=cfg.max_test, seed=cfg.seed,
+                     cache_dir=os.environ.get("CERTSSB_CACHE") or Path(cfg.out) / "cache")
     log(f"data: {task.name} classes {task.class_names} ({task.num_classes} classes), "
         f"{task.x_train.shape[0]} train / {task.x_test.shape[0]} test, image {tuple(task.image_shape)}; "
         f"{task.source}")
