@@ -368,12 +368,18 @@ def _experiment_files(names: list[str]) -> list[Path]:
 def _grid(args: argparse.Namespace) -> int:
     from .experiments.grid import Experiment, parse_only, run_grid
     experiments = [Experiment.load(f) for f in _experiment_files(args.experiments)]
-    if not args.dry_run:  # cells reading the same image files share one decode cache
-        os.environ.setdefault("CERTSSB_CACHE", str(Path(args.out) / "cache"))
     overrides = {k: v for k, v in (("device", args.device), ("group_size", args.group_size)) if v is not None}
-    cells = run_grid(experiments, args.scale, args.out, only=parse_only(args.only), overrides=overrides,
-                     dry_run=args.dry_run, progress=not args.quiet,
-                     log=lambda s: print(s, file=sys.stderr, flush=True))
+    # cells reading the same image files share one decode cache (unless $CERTSSB_CACHE names one)
+    shared_cache = "CERTSSB_CACHE" not in os.environ and not args.dry_run
+    if shared_cache:
+        os.environ["CERTSSB_CACHE"] = str(Path(args.out) / "cache")
+    try:
+        cells = run_grid(experiments, args.scale, args.out, only=parse_only(args.only), overrides=overrides,
+                         dry_run=args.dry_run, progress=not args.quiet,
+                         log=lambda s: print(s, file=sys.stderr, flush=True))
+    finally:
+        if shared_cache:
+            del os.environ["CERTSSB_CACHE"]
     counts = {st: sum(c["status"] == st for c in cells) for st in ("done", "skipped", "planned")}
     print(f"grid: {counts['done']} cells run, {counts['skipped']} already finished"
           + (f", {counts['planned']} planned" if args.dry_run else "") + f" (under {args.out})")
