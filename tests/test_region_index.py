@@ -297,8 +297,9 @@ def test_centred_filter_slices_long_dot_products():
     g32, g64, h = ri.centred_error_terms(150528, TorchDenseIndex.SPLIT)
     assert g32 == pytest.approx(1024 * 2.0 ** -24, rel=2e-3) and g64 < 2e-11 and h < 6e-8
     assert sq_dist_error_coeff(150528, 2.0 ** -24) / g32 > 100
-    a = torch.rand(3, 5000, generator=torch.Generator().manual_seed(0))
+    a = torch.rand(3, 20000, generator=torch.Generator().manual_seed(0))
     idx = TorchDenseIndex("cpu")
+    assert idx.split == TorchDenseIndex.CPU_SPLIT < 20000
     assert torch.allclose(idx._dots(a, a), a.double() @ a.double().T, rtol=1e-6)
 
 

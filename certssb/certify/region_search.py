@@ -358,11 +358,12 @@ class TorchDenseIndex(CandidateIndex):
     precision="float32" (the default): the CENTRED float32 filter. A fixed centre c (float32: the
     mean of the first rows the index sees; any c keeps the bound, a central one keeps it tight) is
     subtracted from queries and stored rows in float32, the dot products of the centred rows run
-    as float32 GEMMs (full IEEE float32, TF32 switched off) over K-slices of SPLIT = 1024 features
-    whose partial sums are added in float64, and s~ = ||a||^2 + ||b||^2 - 2 a.b is assembled in
+    as float32 GEMMs (full IEEE float32, TF32 switched off) over K-slices of L = SPLIT = 1024
+    features on a GPU (CPU_SPLIT = 8192 on the CPU) whose partial sums are added in float64, and s~ = ||a||^2 + ||b||^2 - 2 a.b is assembled in
     float64 from float64 squared norms of the centred rows. Its error (`centred_error_terms`,
     docs/THEORY.md section 6) scales with the spread ||x - c||^2, not ||x||^2, and with the slice
-    length L instead of D: at D = 150,528, gamma_L = 6.1e-5 instead of gamma_D = 0.009 (whose
+    length L instead of D: at D = 150,528, gamma_L = 6.1e-5 (GPU; 4.9e-4 on the CPU) instead of
+    gamma_D = 0.009 (whose
     bound for images in [0, 1] exceeds any reach, so the un-centred float32 filter is useless
     there). A pair is dropped only when
 
@@ -386,8 +387,10 @@ class TorchDenseIndex(CandidateIndex):
     """
 
     name = "torch-gpu"
-    #: features per K-slice of the float32 dot products (the L of gamma_L)
+    #: features per K-slice of the float32 dot products (the L of gamma_L) on a GPU, and on the CPU
+    #: (where many small GEMMs cost more than they save: measured 5x slower at 1024 on 2 cores)
     SPLIT = 1024
+    CPU_SPLIT = 8192
     # elements of one [block, chunk] temporary (float64: 128 MiB), and of one cast chunk (CPU)
     _TILE = 1 << 24
     _CAST = 1 << 24
@@ -400,6 +403,7 @@ class TorchDenseIndex(CandidateIndex):
         self.precision = precision
         self._dtype = torch.float32 if precision == "float32" else torch.float64
         self.block_size = 1024 if self.device.type == "cuda" else 256
+        self.split = self.SPLIT if self.device.type == "cuda" else self.CPU_SPLIT
         # mirror=True on the CPU runs the GPU code path (tests)
         self._mirror = self.device.type != "cpu" if mirror is None else bool(mirror)
         self._n = 0
@@ -428,14 +432,14 @@ class TorchDenseIndex(CandidateIndex):
         return a, (a64 * a64).sum(1)
 
     def _dots(self, a: Tensor, b: Tensor) -> Tensor:
-        """a.b^T [B, k] float64: float32 GEMMs over K-slices of SPLIT features, summed in float64."""
+        """a.b^T [B, k] float64: float32 GEMMs over K-slices of `split` features, summed in float64."""
         dim = a.shape[1]
         with _ieee_float32_matmul():
-            if dim <= self.SPLIT:
+            if dim <= self.split:
                 return (a @ b.T).to(torch.float64)
             acc = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
-            for s in range(0, dim, self.SPLIT):
-                acc.add_(a[:, s:s + self.SPLIT] @ b[:, s:s + self.SPLIT].T)
+            for s in range(0, dim, self.split):
+                acc.add_(a[:, s:s + self.split] @ b[:, s:s + self.split].T)
             return acc
 
     # ------------------------------------------------------------------ the mirror
@@ -501,7 +505,7 @@ class TorchDenseIndex(CandidateIndex):
     def _bound(self, dim: int, a_max: float, b_max: float) -> tuple[float, float]:
         """(eta, E): keep a pair when s~ < (R_j + R_i + eta)^2 (1 + 1e-6) + E."""
         if self.precision == "float32":
-            g32, g64, h = centred_error_terms(dim, self.SPLIT)
+            g32, g64, h = centred_error_terms(dim, self.split)
             eta = h * (a_max + b_max) + 2.0 * math.sqrt(dim) * 2.0 ** -126
             return eta, 2.0 * g32 * a_max * b_max + g64 * (a_max + b_max) ** 2 + _abs_term(dim, a_max + b_max)
         norm_sum = a_max + b_max
