@@ -18,8 +18,8 @@ from certssb.certify.regions import RegionStore, exact_distances
 HAS_FAISS = ri.faiss_available()
 needs_faiss = pytest.mark.skipif(not HAS_FAISS, reason="faiss is not installed")
 INDEXES = [pytest.param(FaissIndex, id="faiss", marks=needs_faiss),
-           pytest.param(lambda: TorchDenseIndex("cpu"), id="torch-dense-cpu"),
-           pytest.param(lambda: TorchDenseIndex("cpu", mirror=True), id="torch-dense-mirror"),
+           pytest.param(lambda: TorchDenseIndex("cpu", precision="float32"), id="torch-dense-cpu-f32c"),
+           pytest.param(lambda: TorchDenseIndex("cpu", mirror=True, precision="float32"), id="torch-dense-mirror"),
            pytest.param(lambda: TorchDenseIndex("cpu", precision="float64"), id="torch-dense-f64")]
 
 
@@ -213,7 +213,7 @@ def test_dense_mirror_follows_the_store():
     ref = RegionStore(backend="reference")
     want = ref.certify_stream(xs, labels, radii, torch.zeros(300, dtype=torch.bool))
     s = RegionStore(backend="torch-gpu", device="cpu")
-    s._index = TorchDenseIndex("cpu", mirror=True)
+    s._index = TorchDenseIndex("cpu", mirror=True, precision="float32")
     s._index.block_size = 7
     got = s.certify_stream(xs[:150], labels[:150], radii[:150], torch.zeros(150, dtype=torch.bool))
     got2 = s.certify_stream(xs[150:], labels[150:], radii[150:], torch.zeros(150, dtype=torch.bool))
@@ -278,7 +278,7 @@ def test_centred_float32_distances_stay_within_the_bound(dim, offset, spread):
     """The computed s~ of the centred float32 filter against the exact float64 distance: inside
     (R + eta)^2 - ||a - b||^2 terms, i.e. |s~ - ||a - b||^2| <= E and | ||a - b|| - d | <= eta."""
     q, _, _, db = data(3, 200, 64, dim, offset, spread)
-    idx = TorchDenseIndex("cpu")
+    idx = TorchDenseIndex("cpu", precision="float32")
     idx._set_centre(db.centres)
     qa, qn2 = idx._centred(q)
     ca, cn2 = idx._centred(db.centres)
@@ -298,7 +298,7 @@ def test_centred_filter_slices_long_dot_products():
     assert g32 == pytest.approx(1024 * 2.0 ** -24, rel=2e-3) and g64 < 2e-11 and h < 6e-8
     assert sq_dist_error_coeff(150528, 2.0 ** -24) / g32 > 100
     a = torch.rand(3, 20000, generator=torch.Generator().manual_seed(0))
-    idx = TorchDenseIndex("cpu")
+    idx = TorchDenseIndex("cpu", precision="float32")
     assert idx.split == TorchDenseIndex.CPU_SPLIT < 20000
     assert torch.allclose(idx._dots(a, a), a.double() @ a.double().T, rtol=1e-6)
 
@@ -307,7 +307,7 @@ def test_centred_filter_prefers_float64_for_huge_vectors():
     q = torch.full((3, 4), 1e20)
     db = arrays(torch.full((5, 4), 1e20), [0] * 5, [1.0] * 5)
     qn = torch.linalg.vector_norm(q.double(), dim=1).numpy()
-    idx = TorchDenseIndex("cpu")
+    idx = TorchDenseIndex("cpu", precision="float32")
     got = pairs(idx.search(q, qn, np.ones(3, np.int64), np.ones(3), db))
     assert got == true_conflicts(q, np.ones(3, np.int64), np.ones(3), db) and idx.stats == {"float32": 0, "float64": 1}
 
@@ -340,7 +340,7 @@ def test_centred_filter_at_imagenette_size_takes_the_reference_decisions():
     want = ref.certify_stream(x, labels, radii, abstain)
     for mirror in (False, True):
         s = RegionStore(dim, backend="torch-gpu")
-        s._index = TorchDenseIndex("cpu", mirror=mirror)
+        s._index = TorchDenseIndex("cpu", mirror=mirror, precision="float32")
         s._index.block_size = 16  # several blocks: searches against stored rows and inside blocks
         got = s.certify_stream(x, labels, radii, abstain)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2]
@@ -354,7 +354,14 @@ def test_centred_filter_at_imagenette_size_takes_the_reference_decisions():
     qr = (torch.rand(40, generator=g, dtype=torch.float64) * 3.0).numpy()
     db = arrays(x, labels, radii)
     qn = torch.linalg.vector_norm(q.double(), dim=1).numpy()
-    idx = TorchDenseIndex("cpu")
+    idx = TorchDenseIndex("cpu", precision="float32")
     got = pairs(idx.search(q, qn, ql, qr, db))
     truth = true_conflicts(q, ql, qr, db)
     assert truth and truth <= got and len(got) < 40 * n // 4 and idx.stats == {"float32": 1, "float64": 0}
+
+
+def test_default_precision_by_device():
+    assert TorchDenseIndex("cpu").precision == "float64"  # measured faster on the CPU
+    assert TorchDenseIndex("cpu", precision="float32").describe() == "torch-gpu"
+    with pytest.raises(CertssbError, match="precision must be"):
+        TorchDenseIndex("cpu", precision="float16")

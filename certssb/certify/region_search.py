@@ -355,7 +355,7 @@ def centred_error_terms(dim: int, split: int) -> tuple[float, float, float]:
 class TorchDenseIndex(CandidateIndex):
     """Exact chunked search with torch on any device (meant for CUDA; runs on the CPU too).
 
-    precision="float32" (the default): the CENTRED float32 filter. A fixed centre c (float32: the
+    precision="float32" (the default on a GPU): the CENTRED float32 filter. A fixed centre c (float32: the
     mean of the first rows the index sees; any c keeps the bound, a central one keeps it tight) is
     subtracted from queries and stored rows in float32, the dot products of the centred rows run
     as float32 GEMMs (full IEEE float32, TF32 switched off) over K-slices of L = SPLIT = 1024
@@ -377,8 +377,10 @@ class TorchDenseIndex(CandidateIndex):
     2^60 (float32 squares could overflow) are searched in float64 instead.
 
     precision="float64": s~ = ||q||^2 + ||x||^2 - 2 q.x in float64 (exact products of float32
-    inputs, never TF32), un-centred, bound gamma_{D+4}(2^-53) (||q|| + ||x||)^2. Kept as the
-    fallback and for side-by-side timing (benchmarks/bench_regions.py).
+    inputs, never TF32), un-centred, bound gamma_{D+4}(2^-53) (||q|| + ||x||)^2: the default on
+    the CPU, where it measured faster than the centred float32 filter at D = 150,528 (one GEMM
+    against many K-sliced ones plus the centring pass; benchmarks/bench_regions.py, precision
+    case), and the fallback for huge vectors.
 
     On a GPU it keeps a device mirror of the final rows (centred float32 or float64 centres,
     squared norms, labels, radii; capacity doubling); on the CPU it reads the store's own buffer,
@@ -396,8 +398,10 @@ class TorchDenseIndex(CandidateIndex):
     _CAST = 1 << 24
 
     def __init__(self, device: torch.device | str = "cuda", mirror: Optional[bool] = None,
-                 precision: str = "float32") -> None:
+                 precision: Optional[str] = None) -> None:
         super().__init__(device)
+        if precision is None:  # measured: float64 is faster on a 2-core CPU (docs/results/regions.md)
+            precision = "float32" if self.device.type == "cuda" else "float64"
         if precision not in ("float32", "float64"):
             raise CertssbError(f"precision must be 'float32' (centred) or 'float64', got {precision!r}")
         self.precision = precision
