@@ -362,6 +362,6 @@ def test_centred_filter_at_imagenette_size_takes_the_reference_decisions():
 
 def test_default_precision_by_device():
     assert TorchDenseIndex("cpu").precision == "float64"  # measured faster on the CPU
-    assert TorchDenseIndex("cpu", precision="float32").describe() == "torch-gpu"
+    assert TorchDenseIndex("cpu", precision="float32").precision == "float32"
     with pytest.raises(CertssbError, match="precision must be"):
         TorchDenseIndex("cpu", precision="float16")

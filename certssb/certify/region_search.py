@@ -417,10 +417,6 @@ class TorchDenseIndex(CandidateIndex):
         #: blocks searched by each filter ("float32": centred float32, "float64": float64)
         self.stats = {"float32": 0, "float64": 0}
 
-    def describe(self) -> str:
-        base = super().describe()
-        return base if self.precision == "float32" else f"{base}, float64"
-
     # ------------------------------------------------------------------ the centre
     def _set_centre(self, rows: Tensor) -> None:
         """Fix the centre from `rows` (float32 [k, D], CPU) if none is set (or D changed)."""
