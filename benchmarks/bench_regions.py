@@ -12,6 +12,11 @@ stream and check that they take the same decisions.
   the FAISS CPU backend.
 - decide-batch: up to 1024 such inputs at once (where a blocked search pays off): the fast
   backend alone on the CPU; the GPU backend against FAISS on the CPU with --device cuda.
+- precision: the torch search's two filters side by side at the ImageNette size (D = 3 x 224 x 224)
+  on images-like rows in [0, 1] (smooth class templates plus pixel noise, near-duplicates): the
+  centred float32 filter (the default) against the float64 one, Q inputs decided against N stored
+  regions on --device, and (smoke, or N <= 2000) the brute-force reference; the float32 filter
+  must never fall back to float64 here.
 All decisions must agree (exactly between backends; the Python loop sums in another order, so
 its radii agree to 1e-9): the script exits with status 1 otherwise.
 
@@ -47,6 +52,10 @@ from certssb.certify.regions import RegionDecision, RegionStore
 
 FULL_CASES = [(784, 10_000), (784, 100_000), (3072, 10_000), (3072, 100_000), (150_528, 10_000)]
 SMOKE_CASES = [(64, 600), (784, 300)]
+IMAGENETTE_DIM = 3 * 224 * 224
+# (N stored, Q decided) of the precision case
+PRECISION_FULL = (2000, 256)
+PRECISION_SMOKE = (48, 16)
 CLASSES = 10
 
 
@@ -243,6 +252,64 @@ def run_case(dim: int, n: int, device: str, smoke: bool, seed: int, repeats: int
     return rows
 
 
+def image_rows(seed: int, n: int, side: int = 224) -> torch.Tensor:
+    """n images-like rows [n, 3 * side^2] in [0, 1]: 10 smooth class templates plus pixel noise, every
+    fourth row a near copy (distance about 1) of an earlier one."""
+    g = torch.Generator().manual_seed(seed)
+    templ = torch.nn.functional.interpolate(torch.rand(CLASSES, 3, 14, 14, generator=torch.Generator().manual_seed(0)),
+                                            size=(side, side), mode="bilinear", align_corners=False)
+    out = torch.empty(n, 3 * side * side)
+    k = torch.randint(0, CLASSES, (n,), generator=g)
+    for a in range(0, n, 64):
+        e = min(n, a + 64)
+        x = templ[k[a:e]] + 0.1 * torch.randn(e - a, 3, side, side, generator=g)
+        out[a:e] = x.clamp_(0, 1).reshape(e - a, -1)
+    for i in range(3, n, 4):
+        d = torch.randn(out.shape[1], generator=g)
+        out[i] = (out[i // 2] + d / d.norm()).clamp_(0, 1)
+    return out
+
+
+def precision_case(n: int, q: int, device: str, seed: int, repeats: int, reference: bool) -> list[dict]:
+    """The torch search's centred float32 filter against its float64 filter at D = 150,528."""
+    from certssb.certify.region_search import TorchDenseIndex
+
+    dim = IMAGENETTE_DIM
+    x = image_rows(seed, n)
+    g = torch.Generator().manual_seed(seed + 1)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    radii = torch.rand(n, generator=g, dtype=torch.float64) * 3.0
+    store = RegionStore(dim, backend="torch-gpu")  # exact like every backend
+    store.certify_stream(x, labels, radii, torch.zeros(n, dtype=torch.bool))  # the stored regions
+    xq = image_rows(seed + 2, q)
+    xq[::2] = store.centres[torch.randint(0, n, (len(xq[::2]),), generator=g)] + 0.5 * xq[::2] / xq[::2].norm(
+        dim=1, keepdim=True)  # half the queries near a stored input
+    xq.clamp_(0, 1)
+    lq = torch.randint(0, 2, (q,), generator=g)
+    rq = torch.rand(q, generator=g, dtype=torch.float64) * 3.0
+    got = {}
+    stats = {}
+    for prec in ("float32", "float64"):
+        store._index = TorchDenseIndex(device, precision=prec)
+        got[prec] = timed(lambda: store.decide_batch(xq, lq, rq), device, repeats)
+        stats[prec] = dict(store._index.stats)
+    rows = []
+    ok = same_decisions(got["float32"][2], got["float64"][2]) and stats["float32"]["float64"] == 0
+    if not ok:
+        print(f"DISAGREEMENT (or a float64 fallback): precision d={dim} n={n}: {stats}", file=sys.stderr)
+    rows.append(row(f"precision d={dim} n={n}", dim, n, q, "torch f32-centred", got["float32"][0],
+                    "torch f64", got["float64"][0], "queries/s", q, ok, stats=stats["float32"]))
+    if reference:
+        store.set_backend("reference", "cpu")
+        med, _, decs = timed(lambda: store.decide_batch(xq, lq, rq), "cpu", repeats)
+        ok = same_decisions(decs, got["float32"][2])
+        if not ok:
+            print(f"DISAGREEMENT: precision d={dim} n={n}: reference differs", file=sys.stderr)
+        rows.append(row(f"precision d={dim} n={n}", dim, n, q, "torch f32-centred", got["float32"][0],
+                        "reference", med, "queries/s", q, ok))
+    return rows
+
+
 # ----------------------------------------------------------------------------- report
 def environment(device: str) -> dict:
     try:
@@ -324,9 +391,12 @@ def render_markdown(runs: list[dict], sources: list[str]) -> str:
              "chunks. `decide`: Q more inputs decided against the N stored regions. `decide-batch`: "
              "a larger batch of such inputs (up to 1024). Times are medians (repeated while a run takes "
              "under 2 s); `agree`: the script checked that both took identical decisions. At 150,528 "
-             "features the FAISS backend filters blocks of more than 16 inputs in float64 (FAISS's "
-             "float32 error bound grows with D ||x||^2 and would let nearly every pair through; see "
-             "certssb/certify/region_search.py).", ""]
+             "features the FAISS backend hands blocks of more than 16 inputs to the torch search (FAISS's "
+             "float32 error bound grows with D ||x||^2 and would let nearly every pair through), whose "
+             "centred float32 filter bounds the error by gamma_1024 ||x - c||^2 (docs/THEORY.md section 6; "
+             "the runs below were measured before it, with the float64 filter). `precision`: the torch "
+             "search's centred float32 filter against its float64 filter on images-like rows at "
+             "D = 150,528.", ""]
     for run in runs:
         env = run["env"]
         lines += [f"## {env['device']}: {env.get('gpu', env['cpu'])}", "",
@@ -365,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--progress", action="store_true", help="progress bars")
     ap.add_argument("--write-docs", metavar="MD", help="write the results page MD from --inputs (or this run)")
     ap.add_argument("--inputs", nargs="+", default=None, help="JSON files of earlier runs for --write-docs")
+    ap.add_argument("--precision", metavar="NxQ", default=None,
+                    help="the precision case: N stored, Q decided at D = 150,528 (default 2000x256; smoke 48x16; "
+                         "0x0 skips it)")
     args = ap.parse_args(argv)
 
     if args.write_docs and args.inputs:
@@ -387,6 +460,12 @@ def main(argv: list[str] | None = None) -> int:
         results += rows
         print_table(rows)
         sys.stdout.flush()
+    pn, pq = ((int(v) for v in args.precision.lower().split("x")) if args.precision
+              else PRECISION_SMOKE if args.smoke else PRECISION_FULL)
+    if pn and pq:
+        rows = precision_case(pn, pq, args.device, args.seed, args.repeats, reference=args.smoke or pn <= 2000)
+        results += rows
+        print_table(rows)
     env["loadavg_end"] = list(os.getloadavg())
     env["seconds"] = time.perf_counter() - t0
     run = {"device": args.device, "torch": torch.__version__, "smoke": args.smoke, "env": env, "results": results}

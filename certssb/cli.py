@@ -103,6 +103,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, help="mini-batch size (default: the paper's per dataset)")
     g.add_argument("--lr", type=float, help="Adam learning rate (default: the paper's per dataset)")
     g.add_argument("--arch", help="model architecture (default: chosen by dataset)")
+    g.add_argument("--init-weights", metavar="FILE", default=None,
+                   help="start every model (ensemble, base, no-defense) from this ResNet-18 checkpoint: "
+                        "safetensors or a torchvision-format state dict (read without running code; "
+                        "nothing is downloaded); the head is re-initialised for the task's classes. "
+                        "resnet18 at --image-size 128 or more only")
     g.add_argument("--group-size", type=int, default=None,
                    help="models trained at once as one vectorized group (default: as many as fit in "
                         "free memory; recorded in the run directory and reused on resume)")
@@ -236,7 +241,8 @@ CONFIG_KEYS = ("dataset", "data_dir", "classes", "image_size", "max_train", "max
                "poison_rate", "target", "all_to_all", "method", "sigma0", "sigma_steps", "sigma_draws",
                "sigma_lr", "sigma_min", "sigma_max", "models", "epochs", "base_epochs", "batch_size", "lr",
                "arch", "bound", "alpha", "radii", "storage_update", "region_order", "seed", "device",
-               "backend", "out", "eval_batch_size", "group_size", "engine")
+               "backend", "out", "eval_batch_size", "group_size", "engine",
+               "init_weights")
 
 
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -377,9 +383,17 @@ def _grid(args: argparse.Namespace) -> int:
     from .experiments.grid import Experiment, parse_only, run_grid
     experiments = [Experiment.load(f) for f in _experiment_files(args.experiments)]
     overrides = {k: v for k, v in (("device", args.device), ("group_size", args.group_size)) if v is not None}
-    cells = run_grid(experiments, args.scale, args.out, only=parse_only(args.only), overrides=overrides,
-                     dry_run=args.dry_run, progress=not args.quiet,
-                     log=lambda s: print(s, file=sys.stderr, flush=True))
+    # cells reading the same image files share one decode cache (unless $CERTSSB_CACHE names one)
+    shared_cache = "CERTSSB_CACHE" not in os.environ and not args.dry_run
+    if shared_cache:
+        os.environ["CERTSSB_CACHE"] = str(Path(args.out) / "cache")
+    try:
+        cells = run_grid(experiments, args.scale, args.out, only=parse_only(args.only), overrides=overrides,
+                         dry_run=args.dry_run, progress=not args.quiet,
+                         log=lambda s: print(s, file=sys.stderr, flush=True))
+    finally:
+        if shared_cache:
+            del os.environ["CERTSSB_CACHE"]
     counts = {st: sum(c["status"] == st for c in cells) for st in ("done", "skipped", "planned")}
     print(f"grid: {counts['done']} cells run, {counts['skipped']} already finished"
           + (f", {counts['planned']} planned" if args.dry_run else "") + f" (under {args.out})")

@@ -27,6 +27,7 @@ REAL = Path(os.environ.get("CERTSSB_DATA") or REPO.parent / "shared" / "data")
 def _isolate_env(monkeypatch):
     # Tests decide the data location themselves; a user's CERTSSB_DATA must not leak in.
     monkeypatch.delenv("CERTSSB_DATA", raising=False)
+    monkeypatch.delenv("CERTSSB_CACHE", raising=False)
 
 
 # --------------------------------------------------------------------------- file writers
@@ -709,3 +710,59 @@ def test_real_imagenette_val():
     pair = load_task("imagenette", data_dir=REAL, classes=[0, 9], image_size=32, max_train=50, max_test=40)
     assert pair.x_train.shape == (50, 3, 32, 32) and pair.x_test.shape[0] == 40
     assert pair.class_names == ["tench", "parachute"]
+
+
+# --------------------------------------------------------------------------- uint8 decoding and the decode cache
+def test_decoder_gives_uint8_and_conversion_is_the_old_formula(tmp_path):
+    from certssb.data.images import decode_files, list_images, uint8_to_float
+
+    root = make_image_tree(tmp_path / "t", {"train": {"a": 70}}, size=(9, 7), ext=".png")
+    arr = decode_files(list_images(root / "train" / "a"), None, progress=False)
+    assert arr.dtype == np.uint8 and arr.shape == (70, 7, 9, 3)
+    old = torch.from_numpy(arr).permute(0, 3, 1, 2).to(torch.float32).div_(255.0).contiguous()
+    new = uint8_to_float(arr)
+    assert new.is_contiguous() and new.dtype == torch.float32 and torch.equal(new, old)
+
+
+def test_decode_cache_is_reused_keyed_and_verified(tmp_path, monkeypatch):
+    import certssb.data.images as im
+
+    root = tmp_path / "imagenette2"
+    make_image_tree(root, {"train": {w: 3 for w in WNIDS[:3]}, "val": {w: 2 for w in WNIDS[:3]}},
+                    size=(20, 20), ext=".JPEG")
+    cache = tmp_path / "cache"
+    plain = load_task("imagenette", data_dir=root, classes=[0, 1], image_size=16)
+    assert not cache.exists()  # no cache unless asked for
+    first = load_task("imagenette", data_dir=root, classes=[0, 1], image_size=16, cache_dir=cache)
+    files = sorted(cache.glob("images-*.safetensors"))
+    assert len(files) == 2  # train and test splits
+    for a, b in ((plain.x_train, first.x_train), (plain.x_test, first.x_test)):
+        assert torch.equal(a, b)  # byte-identical with and without the cache
+
+    def no_decode(*a, **k):
+        raise AssertionError("decoded although cached")
+
+    monkeypatch.setattr(im, "decode_files", no_decode)
+    again = load_task("imagenette", data_dir=root, classes=[0, 1], image_size=16, cache_dir=cache)
+    assert torch.equal(again.x_train, plain.x_train) and torch.equal(again.x_test, plain.x_test)
+    monkeypatch.setenv("CERTSSB_CACHE", str(cache))  # the environment setting, same files
+    assert torch.equal(load_task("imagenette", data_dir=root, classes=[0, 1], image_size=16).x_test, plain.x_test)
+    monkeypatch.undo()
+    # another image size, another file list or an edited file: another key, decoded
+    load_task("imagenette", data_dir=root, classes=[0, 1], image_size=12, cache_dir=cache)
+    load_task("imagenette", data_dir=root, classes=[0, 2], image_size=16, cache_dir=cache)
+    assert len(list(cache.glob("images-*.safetensors"))) == 6
+    paths = im.list_images(root / "val" / WNIDS[0])
+    key = im.cache_key(paths, 16)
+    os.utime(paths[0], ns=(1, 1))
+    assert im.cache_key(paths, 16) != key
+    # a damaged cache file is never used: decoded again and rewritten
+    for f in cache.glob("images-*.safetensors"):
+        data = bytearray(f.read_bytes())
+        data[-1] ^= 0xFF
+        f.write_bytes(bytes(data))
+    fixed = load_task("imagenette", data_dir=root, classes=[0, 1], image_size=16, cache_dir=cache)
+    assert torch.equal(fixed.x_train, plain.x_train)
+    monkeypatch.setattr(im, "decode_files", no_decode)  # rewritten: read back without decoding
+    assert torch.equal(load_task("imagenette", data_dir=root, classes=[0, 1], image_size=16,
+                                 cache_dir=cache).x_train, plain.x_train)

@@ -18,7 +18,9 @@ from certssb.certify.regions import RegionStore, exact_distances
 HAS_FAISS = ri.faiss_available()
 needs_faiss = pytest.mark.skipif(not HAS_FAISS, reason="faiss is not installed")
 INDEXES = [pytest.param(FaissIndex, id="faiss", marks=needs_faiss),
-           pytest.param(lambda: TorchDenseIndex("cpu"), id="torch-dense-cpu")]
+           pytest.param(lambda: TorchDenseIndex("cpu", precision="float32"), id="torch-dense-cpu-f32c"),
+           pytest.param(lambda: TorchDenseIndex("cpu", mirror=True, precision="float32"), id="torch-dense-mirror"),
+           pytest.param(lambda: TorchDenseIndex("cpu", precision="float64"), id="torch-dense-f64")]
 
 
 def arrays(c: torch.Tensor, labels, radii) -> StoreArrays:
@@ -211,14 +213,15 @@ def test_dense_mirror_follows_the_store():
     ref = RegionStore(backend="reference")
     want = ref.certify_stream(xs, labels, radii, torch.zeros(300, dtype=torch.bool))
     s = RegionStore(backend="torch-gpu", device="cpu")
-    s._index = TorchDenseIndex("cpu", mirror=True)
+    s._index = TorchDenseIndex("cpu", mirror=True, precision="float32")
     s._index.block_size = 7
     got = s.certify_stream(xs[:150], labels[:150], radii[:150], torch.zeros(150, dtype=torch.bool))
     got2 = s.certify_stream(xs[150:], labels[150:], radii[150:], torch.zeros(150, dtype=torch.bool))
     assert torch.equal(torch.cat([got[1], got2[1]]), want[1]) and got[2] + got2[2] == want[2]
     assert {"trim", "align"} <= set(want[2])
     idx = s._index
-    assert idx._n == 300 and idx._cap >= 300 and torch.equal(idx._c[:300], s.centres.double())
+    assert idx._n == 300 and idx._cap >= 300
+    assert torch.equal(idx._c[:300], s.centres - idx._centre)  # centred float32 rows
     assert torch.equal(idx._lab[:300], s.labels) and torch.equal(idx._rad[:300], s.radii)
     s.check_invariant()
     idx.sync(s._arrays(10))  # a smaller store (rebuilt): the mirror starts over
@@ -235,7 +238,7 @@ def test_auto_backend_and_errors(monkeypatch):
         resolve_backend("annoy", "cpu")
     with pytest.raises(CertssbError, match="cpu or cuda"):
         resolve_backend("auto", "meta")
-    with pytest.raises(CertssbError, match="'faiss-gpu' needs device='cuda'"):
+    with pytest.raises(CertssbError, match="'faiss-gpu' was removed.*torch-gpu"):
         resolve_backend("faiss-gpu", "cpu")
     monkeypatch.setattr(ri, "faiss_available", lambda: False)
     assert resolve_backend("auto", "cpu") == "torch-gpu"  # the float64 search, on the CPU
@@ -254,27 +257,9 @@ def test_cpu_backends_refuse_a_cuda_device(monkeypatch):
     for b in ("faiss", "reference"):
         with pytest.raises(CertssbError, match="searches on the CPU"):
             resolve_backend(b, "cuda")
-    monkeypatch.setattr(ri, "faiss_gpu_available", lambda: False)
     assert resolve_backend("auto", "cuda") == "torch-gpu"
     with pytest.raises(CertssbError, match="torch-gpu"):
         resolve_backend("faiss-gpu", "cuda")
-
-
-def test_faiss_here_has_no_gpu_support_or_sees_no_gpu():
-    # the faiss-gpu backend is guarded: with faiss-cpu it is never chosen
-    if ri.faiss_gpu_available():
-        pytest.skip("this faiss has GPU support")
-    assert resolve_backend("auto", "cpu") == ("faiss" if HAS_FAISS else "torch-gpu")
-
-
-@pytest.mark.needs_cuda
-def test_faiss_gpu_backend_when_available():
-    if not ri.faiss_gpu_available():
-        pytest.skip("faiss without GPU support")
-    q, ql, qr, db = data(0, 300, 40, 784, 1000.0, 0.01)
-    qn = torch.linalg.vector_norm(q.double(), dim=1).numpy()
-    idx = make_index("faiss-gpu", "cuda")
-    assert true_conflicts(q, ql, qr, db) <= pairs(idx.search(q, qn, ql, qr, db))
 
 
 @pytest.mark.needs_cuda
@@ -284,3 +269,99 @@ def test_torch_gpu_search_on_cuda_matches_cpu():
     truth = true_conflicts(q, ql, qr, db)
     got = pairs(TorchDenseIndex("cuda").search(q, qn, ql, qr, db))
     assert truth <= got and got == pairs(TorchDenseIndex("cpu").search(q, qn, ql, qr, db))
+
+
+# ----------------------------------------------------------------------------- the centred float32 filter
+@pytest.mark.parametrize("dim,offset,spread", [(8, 0.0, 1.0), (784, 0.5, 0.3), (3072, 1000.0, 0.01),
+                                               (5000, 0.5, 0.3)])
+def test_centred_float32_distances_stay_within_the_bound(dim, offset, spread):
+    """The computed s~ of the centred float32 filter against the exact float64 distance: inside
+    (R + eta)^2 - ||a - b||^2 terms, i.e. |s~ - ||a - b||^2| <= E and | ||a - b|| - d | <= eta."""
+    q, _, _, db = data(3, 200, 64, dim, offset, spread)
+    idx = TorchDenseIndex("cpu", precision="float32")
+    idx._set_centre(db.centres)
+    qa, qn2 = idx._centred(q)
+    ca, cn2 = idx._centred(db.centres)
+    s = idx._sq_dists(qa, qn2, ca, cn2)
+    a_max, b_max = float(qn2.max().sqrt()), float(cn2.max().sqrt())
+    eta, err = idx._bound(dim, a_max, b_max)
+    exact_ab = exact_distances(qa, ca)  # ||a - b|| of the rounded centred rows, float64
+    assert float((s - exact_ab ** 2).abs().max()) <= err
+    assert float((exact_ab - exact_distances(q, db.centres)).abs().max()) <= eta
+    if offset >= 1:  # centring: the bound scales with the spread, not with ||x|| (here 1e6 times smaller)
+        assert err < 1e-3 * sq_dist_error_coeff(dim, 2.0 ** -24) * (2 * float(db.norms.max())) ** 2
+
+
+def test_centred_filter_slices_long_dot_products():
+    """Above SPLIT features the float32 products are summed in slices: gamma_1024, not gamma_D."""
+    g32, g64, h = ri.centred_error_terms(150528, TorchDenseIndex.SPLIT)
+    assert g32 == pytest.approx(1024 * 2.0 ** -24, rel=2e-3) and g64 < 2e-11 and h < 6e-8
+    assert sq_dist_error_coeff(150528, 2.0 ** -24) / g32 > 100
+    a = torch.rand(3, 20000, generator=torch.Generator().manual_seed(0))
+    idx = TorchDenseIndex("cpu", precision="float32")
+    assert idx.split == TorchDenseIndex.CPU_SPLIT < 20000
+    assert torch.allclose(idx._dots(a, a), a.double() @ a.double().T, rtol=1e-6)
+
+
+def test_centred_filter_prefers_float64_for_huge_vectors():
+    q = torch.full((3, 4), 1e20)
+    db = arrays(torch.full((5, 4), 1e20), [0] * 5, [1.0] * 5)
+    qn = torch.linalg.vector_norm(q.double(), dim=1).numpy()
+    idx = TorchDenseIndex("cpu", precision="float32")
+    got = pairs(idx.search(q, qn, np.ones(3, np.int64), np.ones(3), db))
+    assert got == true_conflicts(q, np.ones(3, np.int64), np.ones(3), db) and idx.stats == {"float32": 0, "float64": 1}
+
+
+def _images(seed: int, n: int, dim: int) -> torch.Tensor:
+    """Images-like rows in [0, 1]: 4 smooth class templates plus pixel noise, and near-duplicates."""
+    g = torch.Generator().manual_seed(seed)
+    side = int(math.isqrt(dim // 3))
+    base = torch.rand(4, 3, side // 16, side // 16, generator=g)
+    templ = torch.nn.functional.interpolate(base, size=(side, side), mode="bilinear", align_corners=False)
+    k = torch.randint(0, 4, (n,), generator=g)
+    x = (templ[k] + 0.15 * torch.randn(n, 3, side, side, generator=g)).clamp(0, 1).reshape(n, -1)
+    twin = torch.arange(n) % 5 == 4  # every fifth row: an earlier row plus a small perturbation
+    d = torch.randn(int(twin.sum()), x.shape[1], generator=g)
+    x[twin] = (x[twin.nonzero()[:, 0] - 3] + d * (0.5 / d.norm(dim=1, keepdim=True))).clamp(0, 1)
+    return x.contiguous()
+
+
+def test_centred_filter_at_imagenette_size_takes_the_reference_decisions():
+    """D = 3 x 224 x 224 images in [0, 1] (ImageNette-sized), on the CPU: the torch search's centred
+    float32 filter takes exactly the reference's decisions, never falls back to float64, and
+    prunes (far fewer candidates than pairs)."""
+    dim, n = 3 * 224 * 224, 90
+    x = _images(7, n, dim)
+    g = torch.Generator().manual_seed(8)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    radii = torch.rand(n, generator=g, dtype=torch.float64) * 3.0
+    abstain = torch.rand(n, generator=g) < 0.1
+    ref = RegionStore(dim, backend="reference")
+    want = ref.certify_stream(x, labels, radii, abstain)
+    for mirror in (False, True):
+        s = RegionStore(dim, backend="torch-gpu")
+        s._index = TorchDenseIndex("cpu", mirror=mirror, precision="float32")
+        s._index.block_size = 16  # several blocks: searches against stored rows and inside blocks
+        got = s.certify_stream(x, labels, radii, abstain)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2]
+        assert s._index.stats["float64"] == 0 and s._index.stats["float32"] > 0
+        s.check_invariant()
+    assert {"trim", "align"} & set(want[2])
+    # the filter itself at this size: a superset of the conflicts, and it prunes
+    d = torch.randn(40, dim, generator=g)
+    q = (x[:40] + d * (torch.rand(40, 1, generator=g) * 4 / d.norm(dim=1, keepdim=True))).clamp(0, 1)
+    ql = torch.randint(0, 2, (40,), generator=g).numpy()
+    qr = (torch.rand(40, generator=g, dtype=torch.float64) * 3.0).numpy()
+    db = arrays(x, labels, radii)
+    qn = torch.linalg.vector_norm(q.double(), dim=1).numpy()
+    idx = TorchDenseIndex("cpu", precision="float32")
+    got = pairs(idx.search(q, qn, ql, qr, db))
+    truth = true_conflicts(q, ql, qr, db)
+    assert truth and truth <= got and len(got) < 40 * n // 4 and idx.stats == {"float32": 1, "float64": 0}
+
+
+def test_default_precision_by_device():
+    assert TorchDenseIndex("cpu").precision == "float64"  # measured faster on the CPU
+    assert TorchDenseIndex("cpu", precision="float32").precision == "float32"
+    with pytest.raises(CertssbError, match="precision must be"):
+        TorchDenseIndex("cpu", precision="float16")

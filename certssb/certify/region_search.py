@@ -15,7 +15,7 @@ conflict is a wrong certificate).
 
 Why the pre-filter cannot miss a conflict. The search computes an approximate
 squared distance s~ in floating point with unit roundoff u (float32 in FAISS,
-float64 on the GPU), by any summation order, possibly as
+float64 in the torch search's float64 mode), by any summation order, possibly as
 ||x||^2 + ||y||^2 - 2<x, y> (BLAS). Every such evaluation satisfies
 
     |s~ - ||x - y||^2| <= E(x, y) = g * (||x|| + ||y||)^2 + D * 2^-100 * (1 + ||x|| + ||y||),
@@ -33,21 +33,26 @@ distance is within (D+3) 2^-53 relative of the true one (about 1.7e-11 at
 D = 150528), and fl(R_j + R_i) within 2^-53, so the reference also finds no
 conflict. Where E is useless (it exceeds the squared reach, e.g. float32 at
 D = 150528 with image norms, or squares that could overflow float32) the FAISS
-backend filters in float64 instead; a backend may also answer "check every
-row" (None).
+backend hands the block to the torch search, whose CENTRED float32 filter
+(`TorchDenseIndex`) subtracts a centre c and sums in K-slices of 1024 features, so
+its bound scales with gamma_1024 ||x - c||^2 instead of gamma_D ||x||^2 (the
+derivation is in its docstring and in docs/THEORY.md section 6); a backend may
+also answer "check every row" (None).
 
 Backends: `ReferenceIndex` (no pre-filter: the brute-force reference),
 `FaissIndex` (exact flat L2 range query on the CPU over the store's own
-buffer, no copy; float64 filtering where float32 bounds are too loose),
-`TorchDenseIndex` (chunked float64 matrix products on any
-torch device, meant for GPUs) and `FaissGpuIndex` (FAISS's GPU brute force,
-float32 with a bound that allows TF32 inputs). Results are in CSR form:
+buffer, no copy; the torch search where float32 bounds are too loose) and
+`TorchDenseIndex` (chunked matrix products on any torch device, meant for GPUs:
+centred float32 by default, float64 on request or for huge vectors). There is no
+FAISS GPU backend (removed: no FAISS GPU build to test it on; the torch search
+is exact and covers the GPU). Results are in CSR form:
 `lims` int64 [B + 1] and `ids` int64 [k], the candidates of query j being
 ids[lims[j]:lims[j + 1]], ascending.
 """
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -58,10 +63,9 @@ from torch import Tensor
 from ..errors import CertssbError
 
 __all__ = ["INDEX_BACKENDS", "StoreArrays", "CandidateIndex", "ReferenceIndex", "FaissIndex", "TorchDenseIndex",
-           "FaissGpuIndex", "make_index", "resolve_backend", "faiss_available", "faiss_gpu_available",
-           "sq_dist_error_coeff"]
+           "make_index", "resolve_backend", "faiss_available", "sq_dist_error_coeff", "centred_error_terms"]
 
-INDEX_BACKENDS = ("auto", "reference", "faiss", "torch-gpu", "faiss-gpu")
+INDEX_BACKENDS = ("auto", "reference", "faiss", "torch-gpu")
 Candidates = tuple[np.ndarray, np.ndarray]  # (lims int64 [B+1], ids int64 [k])
 
 # Relative slack on (R_j + R_i)^2: covers the float64 rounding of the exact distance, of
@@ -74,8 +78,6 @@ _F64_UNIT = 2.0 ** -53
 # Up to this many queries, FAISS computes each distance directly (faiss.fvec_L2sqr_ny:
 # sum of squared differences), whose error is relative to the distance itself.
 _DIRECT_MAX = 16
-# TF32 keeps 10 explicit mantissa bits: each input rounds by at most 2^-11 relative.
-_TF32_EXTRA = 2.0 ** -9
 
 
 def sq_dist_error_coeff(dim: int, unit: float) -> float:
@@ -313,45 +315,145 @@ class FaissIndex(CandidateIndex):
         return _to_csr(b, qi[keep], ids[keep])
 
 
+@contextmanager
+def _ieee_float32_matmul():
+    """float32 matrix products in full IEEE float32 (no TF32, no bfloat16 passes) while inside:
+    the centred filter's error bound assumes float32 products and sums. Restores the setting."""
+    before = torch.get_float32_matmul_precision()
+    if before != "highest":
+        torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        if before != "highest":
+            torch.set_float32_matmul_precision(before)
+
+
+def centred_error_terms(dim: int, split: int) -> tuple[float, float, float]:
+    """(g32, g64, h) of the centred float32 filter's bound (see `TorchDenseIndex`).
+
+    With a = fl32(q - c), b = fl32(x - c) (A = ||a||, B = ||b||, float64), the dot product a.b summed
+    as float32 GEMMs over K-slices of `split` features whose partial sums are added in float64,
+    and s~ = ||a||^2 + ||b||^2 - 2 a.b assembled in float64:
+
+        |s~ - ||a - b||^2| <= 2 g32 A B + g64 (A + B)^2 + D 2^-100 (1 + A + B)
+        | ||a - b|| - ||q - x|| | <= h (A + B) + 2 sqrt(D) 2^-126
+
+    g32 = gamma_L(2^-24) (L = min(D, split): one slice's float32 dot product, any summation
+    order), g64 = gamma_{D + D/L + 3}(2^-53) (the float64 norms, the sum of the slices and the
+    final three operations), h = 2^-24 / (1 - 2^-24) (the centring subtraction rounds each
+    coordinate by at most 2^-24 relative; 2^-126 per coordinate if flushed to zero); each
+    widened by 0.1 %.
+    """
+    length = min(dim, split)
+    g32 = sq_dist_error_coeff(length - 4, _F32_UNIT)  # gamma_L (sq_dist_error_coeff adds 4)
+    g64 = sq_dist_error_coeff(dim + -(-dim // length) + 3 - 4, _F64_UNIT)
+    h = _F32_UNIT / (1.0 - _F32_UNIT) * 1.001
+    return g32, g64, h
+
+
 class TorchDenseIndex(CandidateIndex):
     """Exact chunked search with torch on any device (meant for CUDA; runs on the CPU too).
 
-    Computes s~ = ||q||^2 + ||x||^2 - 2 q.x in float64 for blocks of queries against chunks of
-    the store (float64 products are exact for float32 inputs and never use TF32) and returns
-    the pairs under the threshold, with one error bound per block from the largest norms. On a
-    GPU it keeps a device mirror of the final rows (float64 centres, squared norms, labels,
-    radii; capacity doubling); on the CPU it reads the store's own buffer, casting one chunk at
-    a time. Memory: the mirror (GPU) plus O(block x chunk) temporaries.
+    precision="float32" (the default on a GPU): the CENTRED float32 filter. A fixed centre c (float32: the
+    mean of the first rows the index sees; any c keeps the bound, a central one keeps it tight) is
+    subtracted from queries and stored rows in float32, the dot products of the centred rows run
+    as float32 GEMMs (full IEEE float32, TF32 switched off) over K-slices of L = SPLIT = 1024
+    features on a GPU (CPU_SPLIT = 8192 on the CPU) whose partial sums are added in float64, and s~ = ||a||^2 + ||b||^2 - 2 a.b is assembled in
+    float64 from float64 squared norms of the centred rows. Its error (`centred_error_terms`,
+    docs/THEORY.md section 6) scales with the spread ||x - c||^2, not ||x||^2, and with the slice
+    length L instead of D: at D = 150,528, gamma_L = 6.1e-5 (GPU; 4.9e-4 on the CPU) instead of
+    gamma_D = 0.009 (whose
+    bound for images in [0, 1] exceeds any reach, so the un-centred float32 filter is useless
+    there). A pair is dropped only when
+
+        s~ >= (R_j + R_i + eta)^2 (1 + 1e-6) + E,  eta = h (A + B) + 2 sqrt(D) 2^-126,
+        E = 2 g32 A B + g64 (A + B)^2 + D 2^-100 (1 + A + B)
+
+    (A, B: the largest centred norms of the query block and of the row chunk). Proof: a conflict
+    has ||q - x|| < R_j + R_i, so ||a - b|| < R_j + R_i + eta and s~ < (R_j + R_i + eta)^2 + E;
+    conversely a dropped pair has ||q - x|| >= ||a - b|| - eta >= (R_j + R_i) sqrt(1 + 1e-6),
+    which the float64 decision also finds no conflict at (module docstring). Rows of norm above
+    2^60 (float32 squares could overflow) are searched in float64 instead.
+
+    precision="float64": s~ = ||q||^2 + ||x||^2 - 2 q.x in float64 (exact products of float32
+    inputs, never TF32), un-centred, bound gamma_{D+4}(2^-53) (||q|| + ||x||)^2: the default on
+    the CPU, where it measured faster than the centred float32 filter at D = 150,528 (one GEMM
+    against many K-sliced ones plus the centring pass; benchmarks/bench_regions.py, precision
+    case), and the fallback for huge vectors.
+
+    On a GPU it keeps a device mirror of the final rows (centred float32 or float64 centres,
+    squared norms, labels, radii; capacity doubling); on the CPU it reads the store's own buffer,
+    centring or casting one chunk at a time. Memory: the mirror (GPU) plus O(block x chunk)
+    temporaries. `stats` counts the blocks filtered in each precision.
     """
 
     name = "torch-gpu"
-    _dtype = torch.float64
-    _unit = _F64_UNIT
+    #: features per K-slice of the float32 dot products (the L of gamma_L) on a GPU, and on the CPU
+    #: (where many small GEMMs cost more than they save: measured 5x slower at 1024 on 2 cores)
+    SPLIT = 1024
+    CPU_SPLIT = 8192
     # elements of one [block, chunk] temporary (float64: 128 MiB), and of one cast chunk (CPU)
     _TILE = 1 << 24
     _CAST = 1 << 24
 
-    def __init__(self, device: torch.device | str = "cuda", mirror: Optional[bool] = None) -> None:
+    def __init__(self, device: torch.device | str = "cuda", mirror: Optional[bool] = None,
+                 precision: Optional[str] = None) -> None:
         super().__init__(device)
+        if precision is None:  # measured: float64 is faster on a 2-core CPU (docs/results/regions.md)
+            precision = "float32" if self.device.type == "cuda" else "float64"
+        if precision not in ("float32", "float64"):
+            raise CertssbError(f"precision must be 'float32' (centred) or 'float64', got {precision!r}")
+        self.precision = precision
+        self._dtype = torch.float32 if precision == "float32" else torch.float64
         self.block_size = 1024 if self.device.type == "cuda" else 256
+        self.split = self.SPLIT if self.device.type == "cuda" else self.CPU_SPLIT
         # mirror=True on the CPU runs the GPU code path (tests)
         self._mirror = self.device.type != "cpu" if mirror is None else bool(mirror)
         self._n = 0
         self._cap = 0
         self._c: Optional[Tensor] = None
+        self._centre: Optional[Tensor] = None  # float32 [D] on the device (precision float32)
+        #: blocks searched by each filter ("float32": centred float32, "float64": float64)
+        self.stats = {"float32": 0, "float64": 0}
 
-    def _coeff(self, dim: int) -> float:
-        return sq_dist_error_coeff(dim, self._unit)
+    # ------------------------------------------------------------------ the centre
+    def _set_centre(self, rows: Tensor) -> None:
+        """Fix the centre from `rows` (float32 [k, D], CPU) if none is set (or D changed)."""
+        if self._centre is not None and self._centre.shape[0] == rows.shape[1]:
+            return
+        k = min(rows.shape[0], 4096)
+        self._centre = rows[:k].to(torch.float64).mean(0).to(torch.float32).to(self.device)
 
+    def _centred(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(fl32(x - c) on the device, float64 squared norms of it)."""
+        a = x.to(self.device).to(torch.float32) - self._centre
+        a64 = a.to(torch.float64)
+        return a, (a64 * a64).sum(1)
+
+    def _dots(self, a: Tensor, b: Tensor) -> Tensor:
+        """a.b^T [B, k] float64: float32 GEMMs over K-slices of `split` features, summed in float64."""
+        dim = a.shape[1]
+        with _ieee_float32_matmul():
+            if dim <= self.split:
+                return (a @ b.T).to(torch.float64)
+            acc = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
+            for s in range(0, dim, self.split):
+                acc.add_(a[:, s:s + self.split] @ b[:, s:s + self.split].T)
+            return acc
+
+    # ------------------------------------------------------------------ the mirror
     def sync(self, db: StoreArrays) -> None:
         if not self._mirror:
             return
         n = db.n
         if n < self._n:  # the store was rebuilt: start over
-            self._n, self._cap, self._c = 0, 0, None
+            self._n, self._cap, self._c, self._centre = 0, 0, None, None
         if n == self._n:
             return
         dim = db.centres.shape[1]
+        if self.precision == "float32":
+            self._set_centre(db.centres[self._n:n])
         if n > self._cap:
             cap = max(n, 2 * self._cap, 64)
             dev = self.device
@@ -369,56 +471,90 @@ class TorchDenseIndex(CandidateIndex):
         rows = max(1, (1 << 26) // max(dim, 1))  # bound the host-to-device staging copies
         for a in range(s, n, rows):
             e = min(n, a + rows)
-            blk = db.centres[a:e].to(self.device, non_blocking=False)
-            self._c[a:e] = blk.to(self._dtype)
-            b64 = blk.to(torch.float64)
-            self._n2[a:e] = (b64 * b64).sum(1)
+            if self.precision == "float32":
+                self._c[a:e], self._n2[a:e] = self._centred(db.centres[a:e])
+            else:
+                blk = db.centres[a:e].to(self.device, non_blocking=False)
+                self._c[a:e] = blk.to(self._dtype)
+                b64 = blk.to(torch.float64)
+                self._n2[a:e] = (b64 * b64).sum(1)
         self._lab[s:n] = db.labels[s:n].to(self.device)
         self._rad[s:n] = db.radii[s:n].to(self.device)
         self._n = n
 
     def _rows(self, db: StoreArrays, a: int, e: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(centres in the compute dtype, squared norms, labels, radii) of rows a..e."""
+        """(rows in the compute form: centred float32 or float64; their squared norms, labels,
+        radii) of rows a..e."""
         if self._mirror:
             return self._c[a:e], self._n2[a:e], self._lab[a:e], self._rad[a:e]
-        c = db.centres[a:e].to(self._dtype)
-        n2 = db.norms[a:e] * db.norms[a:e]  # within the bound: relative error a few 2^-53
-        return c, n2, db.labels[a:e], db.radii[a:e]
+        if self.precision == "float32":
+            c, n2 = self._centred(db.centres[a:e])
+        else:
+            c = db.centres[a:e].to(self.device).to(self._dtype)
+            n2 = (db.norms[a:e] * db.norms[a:e]).to(self.device)  # within the bound: relative error a few 2^-53
+        return c, n2, db.labels[a:e].to(self.device), db.radii[a:e].to(self.device)
 
+    # ------------------------------------------------------------------ distances and bounds
     def _sq_dists(self, qd: Tensor, qn2: Tensor, c: Tensor, n2: Tensor) -> Tensor:
         """Approximate squared distances [B, k] of the queries to rows c [k, D]:
-        ||q||^2 + ||x||^2 - 2 q.x, the product fused into one GEMM (addmm)."""
+        ||q||^2 + ||x||^2 - 2 q.x (float64: one fused GEMM; float32: centred, `_dots`)."""
+        if self.precision == "float32":
+            return (qn2[:, None] + n2[None, :]).sub_(self._dots(qd, c), alpha=2.0)
         return torch.addmm(qn2[:, None] + n2[None, :], qd, c.T, beta=1.0, alpha=-2.0)
 
+    def _bound(self, dim: int, a_max: float, b_max: float) -> tuple[float, float]:
+        """(eta, E): keep a pair when s~ < (R_j + R_i + eta)^2 (1 + 1e-6) + E."""
+        if self.precision == "float32":
+            g32, g64, h = centred_error_terms(dim, self.split)
+            eta = h * (a_max + b_max) + 2.0 * math.sqrt(dim) * 2.0 ** -126
+            return eta, 2.0 * g32 * a_max * b_max + g64 * (a_max + b_max) ** 2 + _abs_term(dim, a_max + b_max)
+        norm_sum = a_max + b_max
+        return 0.0, sq_dist_error_coeff(dim, _F64_UNIT) * norm_sum * norm_sum + _abs_term(dim, norm_sum)
+
+    def _float64(self) -> "TorchDenseIndex":
+        """The float64 filter on the same device (for rows whose float32 squares could overflow)."""
+        if not hasattr(self, "_f64_index"):
+            self._f64_index = TorchDenseIndex(self.device, mirror=False, precision="float64")
+        return self._f64_index
+
+    def _too_large(self, q_norms: np.ndarray, db_norms: Optional[Tensor] = None) -> bool:
+        if self.precision != "float32":
+            return False
+        big = float(np.max(q_norms, initial=0.0))
+        if db_norms is not None and db_norms.numel():
+            big = max(big, float(db_norms.max()))
+        return not big <= _MAX_NORM_F32
+
     def _queries(self, q: Tensor) -> tuple[Tensor, Tensor]:
+        if self.precision == "float32":
+            return self._centred(q)
         qd = q.to(self.device).to(self._dtype)
         q64 = qd.to(torch.float64)
         return qd, (q64 * q64).sum(1)
 
-    def _query_block(self, q, q_radii):
-        """(error coefficient, queries on the device and their squared norms, radii on the device, the
-        device), or None where the float32 filter's error cannot be bounded at this dimension."""
-        g = self._coeff(q.shape[1])
-        if not math.isfinite(g):
-            return None
-        qd, qn2 = self._queries(q)
-        return g, qd, qn2, torch.from_numpy(np.ascontiguousarray(q_radii)).to(self.device), self.device
-
     def search(self, q, q_norms, q_labels, q_radii, db, limit=None):
         b, dim = q.shape
-        self.sync(db)
         n = db.n if limit is None else min(db.n, int(limit.max(initial=0)))
         if n == 0 or b == 0:
+            self.sync(db)
             return _empty(b)
-        if (prep := self._query_block(q, q_radii)) is None:
-            return None
-        g, qd, qn2, qr, dev = prep
+        if self._too_large(q_norms, db.norms[:n]):
+            self.stats["float64"] += 1
+            return self._float64().search(q, q_norms, q_labels, q_radii, db, limit)
+        if self.precision == "float32":
+            self._set_centre(db.centres[:n])
+        self.sync(db)
+        self.stats[self.precision] += 1
+        dev = self.device
+        qd, qn2 = self._queries(q)
+        qr = torch.from_numpy(np.ascontiguousarray(q_radii)).to(dev)
         ql = torch.from_numpy(np.ascontiguousarray(q_labels)).to(dev)
         lim = None if limit is None else torch.from_numpy(np.ascontiguousarray(limit)).to(dev)
-        # One error bound for the whole block, from the largest norms (a few ulps looser than
-        # the per-pair bound in float64, and three fewer passes over the [B, chunk] tiles).
-        norm_sum = float(q_norms.max()) + float(db.norms[:n].max())
-        err = g * norm_sum * norm_sum + _abs_term(dim, norm_sum)
+        # float64: one bound for the whole block from the largest norms (a few ulps looser than
+        # the per-pair bound, three fewer passes over the tiles); centred float32: per chunk, from
+        # the largest centred norms of the block and of the chunk.
+        a_max = float(qn2.max().sqrt()) if self.precision == "float32" else float(q_norms.max())
+        b_all = None if self.precision == "float32" else float(db.norms[:n].max())
         chunk = max(1, self._TILE // b)
         if not self._mirror:
             chunk = max(1, min(chunk, self._CAST // max(dim, 1)))
@@ -426,8 +562,12 @@ class TorchDenseIndex(CandidateIndex):
         for a in range(0, n, chunk):
             e = min(n, a + chunk)
             c, n2, lab, rad = self._rows(db, a, e)
+            b_max = float(n2.max().sqrt()) if b_all is None else b_all
+            eta, err = self._bound(dim, a_max, b_max)
             s = self._sq_dists(qd, qn2, c, n2)
             t = qr[:, None] + rad[None, :]
+            if eta:
+                t.add_(eta)
             t.mul_(t).mul_(1.0 + _EPS_R).add_(err)
             m = s < t
             m &= lab[None, :] != ql[:, None]
@@ -446,73 +586,22 @@ class TorchDenseIndex(CandidateIndex):
         b, dim = q.shape
         if b < 2:
             return _empty(b)
-        if (prep := self._query_block(q, q_radii)) is None:
-            return None
-        g, qd, qn2, qr, dev = prep
-        norm_sum = 2.0 * float(q_norms.max())
-        err = g * norm_sum * norm_sum + _abs_term(dim, norm_sum)
+        if self._too_large(q_norms):
+            self.stats["float64"] += 1
+            return self._float64().search_block(q, q_norms, q_radii, r_bound)
+        if self.precision == "float32":
+            self._set_centre(q)
+        self.stats[self.precision] += 1
+        dev = self.device
+        qd, qn2 = self._queries(q)
+        qr = torch.from_numpy(np.ascontiguousarray(q_radii)).to(dev)
+        a_max = float(qn2.max().sqrt()) if self.precision == "float32" else float(q_norms.max())
+        eta, err = self._bound(dim, a_max, a_max)
         s = self._sq_dists(qd, qn2, qd, qn2)
-        t = (qr + r_bound)[:, None].expand(b, b)
+        t = (qr + (r_bound + eta))[:, None].expand(b, b)
         m = (s < t * t * (1.0 + _EPS_R) + err) & torch.ones(b, b, dtype=torch.bool, device=dev).tril(-1)
         p = m.nonzero().cpu().numpy()
         return _to_csr(b, p[:, 0], p[:, 1])
-
-
-class FaissGpuIndex(TorchDenseIndex):
-    """FAISS's GPU brute force (faiss.bfKnn with k = -1: all squared distances) on a float32
-    device mirror. FAISS may run its GEMM in TF32, so the error bound allows inputs rounded to
-    11 significant bits (2^-9 on top of the float32 bound). Only where FAISS has GPU support."""
-
-    name = "faiss-gpu"
-    _dtype = torch.float32
-
-    def __init__(self, device: torch.device | str = "cuda") -> None:
-        super().__init__(device)
-        import faiss
-
-        self._faiss = faiss
-        self._res = faiss.StandardGpuResources()
-
-    def _coeff(self, dim: int) -> float:
-        return sq_dist_error_coeff(dim, _F32_UNIT) + _TF32_EXTRA
-
-    def _all_pairs(self, xq: Tensor, xb: Tensor) -> Tensor:
-        faiss = self._faiss
-        xq, xb = xq.contiguous(), xb.contiguous()
-        out = torch.empty(xq.shape[0], xb.shape[0], dtype=torch.float32, device=self.device)
-
-        def ptr(t: Tensor):
-            return faiss.cast_integer_to_float_ptr(t.untyped_storage().data_ptr() + t.storage_offset() * 4)
-
-        args = faiss.GpuDistanceParams()
-        args.metric = faiss.METRIC_L2
-        args.k = -1
-        args.dims = xq.shape[1]
-        args.vectors, args.vectorsRowMajor = ptr(xb), True
-        args.vectorType = faiss.DistanceDataType_F32
-        args.numVectors = xb.shape[0]
-        args.queries, args.queriesRowMajor = ptr(xq), True
-        args.queryType = faiss.DistanceDataType_F32
-        args.numQueries = xq.shape[0]
-        args.outDistances = ptr(out)
-        args.device = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        torch.cuda.synchronize(self.device)  # FAISS runs on its own stream
-        faiss.bfKnn(self._res, args)
-        torch.cuda.synchronize(self.device)
-        return out.to(torch.float64)
-
-    def _sq_dists(self, qd, qn2, c, n2):
-        return self._all_pairs(qd, c)
-
-    def search(self, q, q_norms, q_labels, q_radii, db, limit=None):
-        if max(float(q_norms.max(initial=0.0)), float(db.norms.max()) if db.n else 0.0) > _MAX_NORM_F32:
-            return None
-        return super().search(q, q_norms, q_labels, q_radii, db, limit)
-
-    def search_block(self, q, q_norms, q_radii, r_bound):
-        if float(q_norms.max(initial=0.0)) > _MAX_NORM_F32:
-            return None
-        return super().search_block(q, q_norms, q_radii, r_bound)
 
 
 # ---------------------------------------------------------------------------- choosing a backend
@@ -525,25 +614,18 @@ def faiss_available() -> bool:
     return True
 
 
-def faiss_gpu_available() -> bool:
-    """Whether FAISS was built with GPU support and sees a GPU (does not initialize CUDA in torch)."""
-    try:
-        import faiss
-    except ImportError:
-        return False
-    if not hasattr(faiss, "StandardGpuResources") or not hasattr(faiss, "get_num_gpus"):
-        return False
-    try:
-        return faiss.get_num_gpus() > 0
-    except Exception:
-        return False
-
-
 def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """The concrete backend for (backend, device): "auto" is faiss-gpu or torch-gpu on a CUDA
-    device, faiss on the CPU (torch-gpu's search on the CPU when faiss is not installed).
-    Raises CertssbError for impossible requests."""
+    """The concrete backend for (backend, device): "auto" is torch-gpu on a CUDA device, faiss on
+    the CPU (torch-gpu's search on the CPU when faiss is not installed). Raises CertssbError for
+    impossible requests.
+
+    There is no FAISS GPU backend: it was removed because no machine certssb runs on has a FAISS
+    build with GPU support (it could never be tested), and the torch search covers the GPU
+    exactly (the centred float32 filter, `TorchDenseIndex`)."""
     dev = torch.device(device)
+    if backend == "faiss-gpu":
+        raise CertssbError("the region-store backend 'faiss-gpu' was removed (no FAISS GPU build to test it "
+                           "on); use 'torch-gpu' (or 'auto'): the exact chunked search in PyTorch on the GPU")
     if backend not in INDEX_BACKENDS:
         raise CertssbError(f"unknown region-store backend {backend!r}; choose one of {', '.join(INDEX_BACKENDS)}")
     if dev.type not in ("cpu", "cuda"):
@@ -552,9 +634,9 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
         raise CertssbError(f"device {dev} was asked for but torch sees no CUDA device; use device='cpu'")
     if backend == "auto":
         if dev.type == "cuda":
-            return "faiss-gpu" if faiss_gpu_available() else "torch-gpu"
-        # without faiss: the float64 matrix-product search of the GPU backend, on the CPU (exact
-        # like every backend, and far faster than the brute-force reference)
+            return "torch-gpu"
+        # without faiss: the matrix-product search of the GPU backend, on the CPU (exact like
+        # every backend, and far faster than the brute-force reference)
         return "faiss" if faiss_available() else "torch-gpu"
     if backend in ("reference", "faiss") and dev.type != "cpu":
         raise CertssbError(f"backend {backend!r} searches on the CPU; for device {dev} use backend "
@@ -562,12 +644,6 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     if backend == "faiss" and not faiss_available():
         raise CertssbError("backend 'faiss' needs the faiss package: pip install faiss-cpu "
                            "(or use backend='reference')")
-    if backend == "faiss-gpu":
-        if dev.type != "cuda":
-            raise CertssbError("backend 'faiss-gpu' needs device='cuda'; on the CPU use 'faiss'")
-        if not faiss_gpu_available():
-            raise CertssbError("backend 'faiss-gpu' needs a FAISS build with GPU support that sees a GPU; "
-                               "use backend 'torch-gpu' (exact chunked search in PyTorch) instead")
     return backend
 
 
@@ -577,6 +653,5 @@ def make_index(backend: str, device: torch.device | str = "cpu") -> CandidateInd
     Example: make_index("auto", "cpu").name == "faiss" when faiss is installed.
     """
     name = resolve_backend(backend, device)
-    cls = {"reference": ReferenceIndex, "faiss": FaissIndex, "torch-gpu": TorchDenseIndex,
-           "faiss-gpu": FaissGpuIndex}[name]
+    cls = {"reference": ReferenceIndex, "faiss": FaissIndex, "torch-gpu": TorchDenseIndex}[name]
     return cls(torch.device(device))

@@ -59,9 +59,9 @@ class RegionStore:
         dim: number of features D of a flattened input; None: taken from the first input.
         backend: the candidate search (certssb.certify.region_search): "auto" (faiss on the CPU when
             installed, else torch-gpu's search on the CPU; the GPU backend for a CUDA device),
-            "reference" (brute force), "faiss", "torch-gpu" (chunked float64 search in PyTorch
-            on `device`; runs on the CPU too), "faiss-gpu" (FAISS with GPU support only). Every
-            backend takes the same decisions.
+            "reference" (brute force), "faiss", "torch-gpu" (chunked search in PyTorch on `device`,
+            centred float32 with a proven error bound; runs on the CPU too). Every backend takes
+            the same decisions.
         device: where the search runs. The store itself (and every exact decision) stays on
             the CPU.
 
@@ -103,7 +103,7 @@ class RegionStore:
 
     @property
     def backend(self) -> str:
-        """Name of the candidate-search backend in use ("reference", "faiss", "torch-gpu", "faiss-gpu")."""
+        """Name of the candidate-search backend in use ("reference", "faiss", "torch-gpu")."""
         return self._index.name
 
     @property

@@ -256,7 +256,7 @@ def load_tensors(path: str | os.PathLike, expected_sha256: str | None = None, *,
                               "to rebuild it") from None
 
 
-_ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.int64: "I64"}
+_ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.int64: "I64", torch.uint8: "U8"}
 
 
 def _pieces(parts: dict[str, list[torch.Tensor]], order: list[str]) -> Iterator[memoryview]:

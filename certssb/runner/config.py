@@ -68,6 +68,7 @@ class RunConfig:
     eval_batch_size: int = 128  # images per forward pass (sigma search, certification); small is
                                 # faster on CPUs (cache-resident activations: 2x at 128 vs 512)
     group_size: Optional[int] = None  # models trained at once; None: from free memory, then recorded
+    init_weights: Optional[str] = None  # a ResNet-18 checkpoint every model starts from (--init-weights)
     seed: int = 0
     device: str = "auto"
     backend: str = "kernels"  # "kernels": native C++/CUDA ops; "reference": pure PyTorch (same results)
@@ -83,8 +84,9 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if d["trigger_options"] is None:  # keeps config.json / summary.json of runs without options as before
-            del d["trigger_options"]
+        for key in ("trigger_options", "init_weights"):  # unset: config.json / summary.json as before
+            if d[key] is None:
+                del d[key]
         return d
 
     @classmethod
@@ -141,6 +143,10 @@ class RunConfig:
         if self.arch is not None and self.arch not in arch_names():
             raise CertssbError(f"unknown architecture {self.arch!r}; choose one of {', '.join(arch_names())} "
                                "(or leave --arch out for the dataset's default)")
+        if self.init_weights is not None and (not isinstance(self.init_weights, (str, os.PathLike))
+                                              or not str(self.init_weights)):
+            raise CertssbError(f"--init-weights must be the path of a ResNet-18 checkpoint file, got "
+                               f"{self.init_weights!r}")
         if self.data_dir is not None and not isinstance(self.data_dir, (str, os.PathLike)):
             raise CertssbError(f"--data-dir must be a path, got {self.data_dir!r}")
         if not isinstance(self.out, (str, os.PathLike)) or not str(self.out):

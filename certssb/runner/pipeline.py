@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import sys
 import time
@@ -27,6 +28,7 @@ from ..data import load_task
 from ..core.distributed import Dist, all_reduce_votes
 from ..smoothing.ensemble import EnsembleDir, EnsembleSpec
 from ..smoothing.engine import Engine, resolve_engine
+from ..smoothing.pretrained import PretrainedInit
 from ..errors import CertssbError
 from ..core.files import atomic_write_json, atomic_write_text, read_json, save_tensors
 from ..kernels import using_backend
@@ -68,12 +70,19 @@ class Prepared:
     data_fp: str
     device: torch.device
     dist: Dist = field(default_factory=Dist)  # this process's rank under torchrun
+    init: Optional[PretrainedInit] = None  # --init-weights: the pretrained backbone of every model
+
+    def init_fp(self) -> tuple:
+        """Fingerprint parts of --init-weights (none without it: fingerprints as before)."""
+        return () if self.init is None else self.init.fingerprint()
 
 
 def prepare(cfg: RunConfig, log: Callable[[str], None]) -> Prepared:
     """Stages 1-2: load the task, build the trigger, poison the training set, build test sets."""
+    # decoded image files are cached in $CERTSSB_CACHE, else in the run directory (certssb.data.images)
     task = load_task(cfg.dataset, data_dir=cfg.data_dir, classes=cfg.classes, image_size=cfg.image_size,
-                     max_train=cfg.max_train, max_test=cfg.max_test, seed=cfg.seed)
+                     max_train=cfg.max_train, max_test=cfg.max_test, seed=cfg.seed,
+                     cache_dir=os.environ.get("CERTSSB_CACHE") or Path(cfg.out) / "cache")
     log(f"data: {task.name} classes {task.class_names} ({task.num_classes} classes), "
         f"{task.x_train.shape[0]} train / {task.x_test.shape[0]} test, image {tuple(task.image_shape)}; "
         f"{task.source}")
@@ -101,8 +110,13 @@ def prepare(cfg: RunConfig, log: Callable[[str], None]) -> Prepared:
     schedule = Schedule(cfg.epochs, cfg.batch_size, cfg.lr)
     data_fp = _hash("data", RUN_FORMAT, task.describe(), trigger.describe(), cfg.poison_rate,
                     target_label, cfg.all_to_all, cfg.seed, poisoned.x, poisoned.y)
+    init = None
+    if cfg.init_weights is not None:
+        c, h, w = task.image_shape
+        init = PretrainedInit.load(cfg.init_weights, arch, c, task.num_classes, (h, w))
+        log(f"init: every model starts from {cfg.init_weights} (sha256 {init.sha256[:16]}), heads re-initialised")
     return Prepared(cfg, task, trigger, poisoned, triggered, target_label, arch, schedule, data_fp,
-                    resolve_device(cfg.device))
+                    resolve_device(cfg.device), init=init)
 
 
 def build_trigger(cfg: RunConfig, image_shape: tuple[int, int, int]):
@@ -114,12 +128,13 @@ def build_trigger(cfg: RunConfig, image_shape: tuple[int, int, int]):
 def _new_model(p: Prepared, purpose: str) -> torch.nn.Module:
     torch.manual_seed(derive_seed(p.cfg.seed, "init", purpose))
     c, h, w = p.task.image_shape
-    return build_model(p.arch, c, p.task.num_classes, (h, w))
+    model = build_model(p.arch, c, p.task.num_classes, (h, w))
+    return model if p.init is None else p.init.apply(model)
 
 
 def stage_no_defense(p: Prepared, out: Path, progress: bool, log) -> dict:
     """A plain model on the poisoned set: shows that the attack works without a defense."""
-    fp = _hash("no-defense", p.data_fp, p.arch, p.schedule.as_dict())
+    fp = _hash("no-defense", p.data_fp, p.arch, p.schedule.as_dict(), *p.init_fp())
     path = out / "no_defense.json"
     if path.exists():
         saved = read_json(path)
@@ -154,7 +169,7 @@ def stage_sigma(p: Prepared, out: Path, progress: bool, log) -> tuple[dict[str, 
     """Base model with sigma0, then per-sample sigma for train, clean test and triggered test."""
     cfg = p.cfg
     search = sigma_search(cfg)
-    fp = _hash("sigma", p.data_fp, p.arch, search.as_dict(), cfg.base_epochs, p.schedule.as_dict())
+    fp = _hash("sigma", p.data_fp, p.arch, search.as_dict(), cfg.base_epochs, p.schedule.as_dict(), *p.init_fp())
     path = out / "sigma.safetensors"
     if path.exists():
         from safetensors import safe_open
@@ -209,10 +224,11 @@ def _engine(p: Prepared) -> Engine:
 
 def _ensemble(p: Prepared, out: Path, method: str, sigma_train: torch.Tensor) -> EnsembleDir:
     c, h, w = p.task.image_shape
-    fp = _hash("ensemble", p.data_fp, method, sigma_train)
+    fp = _hash("ensemble", p.data_fp, method, sigma_train, *p.init_fp())
     spec = EnsembleSpec(method=method, arch=p.arch, in_channels=c, num_classes=p.task.num_classes,
                         image_size=(h, w), models=p.cfg.models, schedule=p.schedule, seed=p.cfg.seed,
-                        fingerprint=fp, group_size=p.cfg.group_size, engine=_engine(p))
+                        fingerprint=fp, group_size=p.cfg.group_size, engine=_engine(p),
+                        init=p.init)
     return EnsembleDir(out / "models" / method, spec)
 
 

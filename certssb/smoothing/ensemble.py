@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -41,6 +41,7 @@ from ..models import build_model
 from .noise import check_noise_inputs
 from ..core.seeding import derive_seed
 from .engine import Engine
+from .pretrained import PretrainedInit
 from .training import GroupNoise, Schedule, train_group
 from ..models.grouped import GroupedModel, activation_floats, from_states
 
@@ -71,11 +72,15 @@ class EnsembleSpec:
     fingerprint: str  # hash of everything upstream (data, attack, sigma) that the models depend on
     group_size: Optional[int] = None  # None: recorded in the manifest, else chosen from free memory
     engine: Engine = Engine()  # how groups compute (certssb.smoothing.engine); recorded in the manifest
+    # --init-weights: every model starts from this backbone (its sha256 is in `fingerprint`)
+    init: Optional[PretrainedInit] = field(default=None, compare=False)
 
     def new_model(self, k: int) -> nn.Module:
-        """Model k with its own deterministic initialisation (shared across methods)."""
+        """Model k with its own deterministic initialisation (shared across methods); with `init`,
+        the pretrained backbone over it (the head keeps model k's own seeded init)."""
         torch.manual_seed(derive_seed(self.seed, "init", k))
-        return build_model(self.arch, self.in_channels, self.num_classes, self.image_size)
+        model = build_model(self.arch, self.in_channels, self.num_classes, self.image_size)
+        return model if self.init is None else self.init.apply(model)
 
     def manifest_header(self) -> dict:
         header = {"format": MANIFEST_FORMAT, "method": self.method, "arch": self.arch,
