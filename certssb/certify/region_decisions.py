@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CertssbError
-from .region_search import Candidates
+from .region_candidates import Candidates
 
 # Chunk the float64 difference computations to about this many elements (memory bound).
 CHUNK_ELEMS = 1 << 22

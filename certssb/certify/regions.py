@@ -43,7 +43,8 @@ from ..core.files import sha256_file
 from .region_decisions import (CHUNK_ELEMS, DECISION_KINDS, DecisionBlock, RegionDecision, all_earlier,
                                check_label_radius, empty_csr, exact_distances, pair_distances, row_norms)
 from .region_file import FORMAT_VERSION, UPDATE_KINDS, read_store_file, write_store_file
-from .region_search import INDEX_BACKENDS, Candidates, StoreArrays, make_index
+from .region_candidates import Candidates, StoreArrays
+from .region_search import INDEX_BACKENDS, make_index
 
 __all__ = ["UPDATE_KINDS", "RegionDecision", "RegionStore", "FORMAT_VERSION", "INDEX_BACKENDS", "exact_distances"]
 
