@@ -6,7 +6,7 @@ Adding a trigger: a new module here that registers a `Trigger` subclass with
 from . import onepixel, fourpixel, blending, badnets, blended  # noqa: F401  (registers them, in this order)
 from .base import Trigger, make_trigger
 from .poisoning import (PoisonedTrainingSet, TriggeredTestSet, input_trigger_norms, measured_l2, poison_training_set,
-                        triggered_test_set)
+                        training_trigger_norm, triggered_test_set)
 from .registry import (TriggerParam, TriggerSpec, additive_trigger_names, check_trigger_options,
                        get_trigger, register_trigger, trigger_names, unregister_trigger)
 
@@ -19,4 +19,4 @@ ADDITIVE_TRIGGERS = additive_trigger_names()
 __all__ = ["TRIGGERS", "ADDITIVE_TRIGGERS", "Trigger", "make_trigger", "measured_l2", "poison_training_set",
            "triggered_test_set", "PoisonedTrainingSet", "TriggeredTestSet", "TriggerParam", "TriggerSpec",
            "register_trigger", "unregister_trigger", "get_trigger", "trigger_names", "additive_trigger_names",
-           "check_trigger_options", "input_trigger_norms"]
+           "check_trigger_options", "input_trigger_norms", "training_trigger_norm"]

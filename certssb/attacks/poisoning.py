@@ -41,6 +41,15 @@ def row_l2(x_clean: torch.Tensor, x_triggered: torch.Tensor) -> torch.Tensor:
     return diff.reshape(diff.shape[0], -1).norm(dim=1)
 
 
+def training_trigger_norm(trigger: str, delta: float, measured_max: Optional[float]) -> float:
+    """The norm bounding every poisoned training image's trigger, for the poison budget: the
+    nominal delta of an additive trigger (clipping only shrinks it), else the largest norm
+    measured on the poisoned training images (the nominal delta when none was measured)."""
+    if trigger in additive_trigger_names() or measured_max is None:
+        return float(delta)
+    return float(measured_max)
+
+
 def input_trigger_norms(trigger: Trigger, x: torch.Tensor) -> Optional[torch.Tensor]:
     """The L2 norm of the trigger each test input would carry, float64 [N], for the poison budget;
     None for an additive trigger (its nominal norm bounds every measured one: clipping only

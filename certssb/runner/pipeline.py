@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..attacks import input_trigger_norms, make_trigger, poison_training_set, triggered_test_set
+from ..attacks import input_trigger_norms, make_trigger, training_trigger_norm, poison_training_set, triggered_test_set
 from ..certify.bounds import certified_radius, pa_lower, poison_budget
 from ..certify.votes import VoteCheckpoint, certify_votes, collect_votes
 from .config import RunConfig, resolve_device
@@ -35,7 +35,7 @@ from ..kernels import using_backend
 from ..models import build_model, default_arch
 from ..smoothing.noise import Stream, normal, sample_ids
 from ..certify.regions import RegionStore
-from .rundir import RUN_FORMAT, RunDir, budget_trigger_norm, check_compatible, load_sigma, package_version
+from .rundir import RUN_FORMAT, RunDir, check_compatible, load_sigma, package_version
 from .lock import run_lock
 from ..report.certificates import write_certificates_csv
 from ..report.metrics import split_metrics, update_variants
@@ -297,7 +297,7 @@ def stage_certify(p: Prepared, out: Path, method: str, ens: EnsembleDir, sigma: 
     if not p.dist.is_main:
         return {}
     mode = "rab" if method == "rab" else "paper"
-    norm = budget_trigger_norm(cfg.trigger, cfg.delta, p.poisoned.trigger_l2["max"])
+    norm = training_trigger_norm(cfg.trigger, cfg.delta, p.poisoned.trigger_l2["max"])
     result = {"clean": {}, "triggered": {}, "variants": {"no_update": {}, "storage_update": {}},
               "storage_update": {"applied": bool(cfg.storage_update and method == "cert-ssb")}}
     t_update = 0.0

@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from ..attacks import ADDITIVE_TRIGGERS
+from ..attacks import training_trigger_norm
 from ..core.files import load_tensors, read_json, sha256_file
 from ..errors import CertssbError, CheckpointError
 from ..models import build_model
@@ -130,15 +130,6 @@ def load_sigma(path: str | os.PathLike, sizes: dict[str, Optional[int]]) -> dict
     return sig
 
 
-def budget_trigger_norm(trigger: str, delta: float, measured_max: Optional[float]) -> float:
-    """The trigger L2 norm the poison budget is computed with: the nominal delta of an additive
-    trigger, else the largest norm measured on the poisoned training images (the nominal delta
-    when none was measured)."""
-    if trigger in ADDITIVE_TRIGGERS or measured_max is None:
-        return float(delta)
-    return float(measured_max)
-
-
 class RunDir:
     """A trained run directory, opened for reading: `RunDir.open(path, overrides)`.
 
@@ -217,7 +208,7 @@ class RunDir:
         return model, sha256_file(path)
 
     def trigger_norm(self) -> float:
-        """The poison budget's trigger norm (`budget_trigger_norm`), the measured one read from the
+        """The poison budget's trigger norm (`certssb.attacks.training_trigger_norm`), the measured one read from the
         run's summary.json (the nominal delta when the run has none yet)."""
         cfg = self.config.resolve()
         measured = None
@@ -226,7 +217,7 @@ class RunDir:
                 measured = float(read_json(self.path / "summary.json")["attack"]["trigger_l2"]["max"])
             except (CheckpointError, KeyError, TypeError, ValueError):
                 pass
-        return budget_trigger_norm(cfg.trigger or "", cfg.delta, measured)
+        return training_trigger_norm(cfg.trigger or "", cfg.delta, measured)
 
 
-__all__ = ["RUN_FORMAT", "RunDir", "package_version", "check_compatible", "load_sigma", "budget_trigger_norm"]
+__all__ = ["RUN_FORMAT", "RunDir", "package_version", "check_compatible", "load_sigma"]
